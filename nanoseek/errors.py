@@ -1,0 +1,10 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad flag, a missing file, a malformed checkpoint) raises `NanoseekError` with a
+one-line message that names what was wrong and where. The CLI prints it as `error: ...` and exits with code 2,
+without a traceback; everything else is a bug and keeps its traceback.
+"""
+
+
+class NanoseekError(Exception):
+    """A problem with the user's input, reported as one line."""
