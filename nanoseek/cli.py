@@ -1,0 +1,98 @@
+"""`nanoseek` command line: info, train, generate, convert, plot, bench.
+
+Each subcommand lives next to the code it drives and exposes `add_cli(subparsers)`, which registers its parser
+and sets `func`. User errors (`NanoseekError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import NanoseekError
+
+# subcommand name -> module providing add_cli()
+_COMMANDS = {
+    "info": "nanoseek.cli",
+    "train": "nanoseek.train",
+    "plot": "nanoseek.plot",
+    "generate": "nanoseek.generate",
+    "convert": "nanoseek.convert",
+    "bench": "nanoseek.bench",
+}
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("info", help="parameter, KV-cache and FLOP report of a preset or config")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", default="tiny", help="tiny | small | v2-lite | v3 (default: tiny)")
+    g.add_argument("--config", help="a model config JSON (ours) or an HF config.json")
+    p.add_argument("--seq-len", type=int, default=4096, help="context length for the attention FLOPs (default 4096)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_info)
+
+
+def _info(args) -> None:
+    from .config import ModelConfig, get_preset
+    from .costs import cost_report
+
+    if args.config:
+        with open(args.config) as f:
+            d = json.load(f)
+        if "model_type" in d or "architectures" in d:
+            from .hf import config_from_hf
+
+            cfg = config_from_hf(d, args.config)
+        else:
+            cfg = ModelConfig.from_dict(d, args.config)
+    else:
+        cfg = get_preset(args.preset)
+    r = cost_report(cfg, args.seq_len)
+    if args.json:
+        print(json.dumps(r))
+        return
+    B = 1e9
+    print(f"{r['preset']}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, attention {cfg.attn_type}")
+    print(
+        f"  parameters      {r['params_total'] / B:10.3f} B total, {r['params_active'] / B:.3f} B activated per token"
+    )
+    print(f"  MTP module      {r['params_mtp'] / B:10.3f} B stored ({r['params_mtp_unique'] / B:.3f} B unique)")
+    print(
+        f"  KV cache        {r['kv_elements_per_token_per_layer']} elements/token/layer "
+        f"(MHA: {r['mha_kv_elements_per_token_per_layer']}), {r['kv_bytes_per_token'] / 1024:.1f} KiB/token in bf16"
+    )
+    print(f"  training FLOPs  {r['train_flops_per_token'] / 1e9:10.3f} GFLOP/token at context {r['seq_len']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in _COMMANDS.values():
+        try:
+            module = sys.modules[__name__] if mod == __name__ else importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue  # subcommand not built in this checkout
+        if hasattr(module, "add_cli"):
+            module.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NanoseekError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, sigmoid gate, auxiliary-loss-free routing bias.
+
+Routing (V3 §2.1.2, eqs. 12-16): s = sigmoid(x W_gᵀ) in fp32. Expert *selection* uses s + b, where
+b = `e_score_correction_bias` is a buffer outside autograd (the loss-free balancer moves it between steps);
+the combine *weights* use the unbiased s, normalised over the chosen k and scaled by routed_scaling_factor.
+Group-limited routing restricts each token to `topk_group` of `n_group` expert groups, ranked by the sum of
+each group's two highest biased scores (with groups = nodes this is V3's node-limited routing).
+V2-style softmax gates are supported too (group score = max, no bias). No token is ever dropped.
+
+The routed experts are computed without a Python loop over experts: token copies are sorted by expert and
+fed to a grouped GEMM (`torch._grouped_mm`), or to one batched GEMM over per-expert buckets padded to the
+largest load (3x faster than grouped_mm in bf16 on AVX-512/AMX CPUs, and cheap when loads are balanced —
+which is what loss-free balancing buys). A per-expert loop is kept only as the test reference.
+
+Legend: N tokens, K experts per token, E routed experts, d hidden, I expert width, M = N*K routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The routing bias stays fp32 whatever dtype the model is cast to: its updates (±1e-3) and
+        # differences between experts would be lost in bf16. It still follows device moves.
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self.e_score_correction_bias
+            self.e_score_correction_bias = moved.float() if bias.is_meta else bias.to(moved.device, torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> combine weights [N, K] (fp32), expert ids [N, K], unbiased scores [N, E] (fp32)."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # the gate stays fp32 in every precision recipe
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias
+        G = cfg.n_group
+        if G > 1 and cfg.topk_group < G and cfg.topk_method != "greedy":
+            N = choice.shape[0]
+            grouped = choice.view(N, G, -1)
+            if cfg.topk_method == "noaux_tc":
+                group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+            else:  # V2 group_limited_greedy
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: `_grouped_mm`'s CPU backward rejects
+    stride-0 (expanded) gradients such as the one produced by `out.sum().backward()`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def choose_impl(impl: str, counts: torch.Tensor, device: torch.device) -> str:
+    if impl != "auto":
+        return impl if (impl != "grouped_mm" or HAS_GROUPED_MM) else "bmm"
+    if device.type != "cpu" and HAS_GROUPED_MM:
+        return "grouped_mm"
+    # CPU: padded bmm unless the padding would more than double the work (very skewed loads)
+    M, E = int(counts.sum()), counts.numel()
+    return "bmm" if E * int(counts.max()) <= 2 * max(M, 1) or not HAS_GROUPED_MM else "grouped_mm"
+
+
+def sorted_swiglu(
+    xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert: xs [M, d], w13 [E, d, 2I], w2 [E, I, d], counts [E]."""
+    E, _, I2 = w13.shape
+    I = I2 // 2
+    M = xs.shape[0]
+    impl = choose_impl(impl, counts, xs.device)
+
+    def act(h: torch.Tensor) -> torch.Tensor:
+        return F.silu(h[..., :I]) * h[..., I:]
+
+    if M == 0:
+        return xs.new_zeros(0, w2.shape[-1]) + 0 * w2.sum() + 0 * w13.sum()  # keep the graph connected
+    if impl == "grouped_mm":
+        offs = counts.cumsum(0).to(torch.int32)
+        h = _ContiguousGrad.apply(torch._grouped_mm(xs, w13, offs=offs))
+        return _ContiguousGrad.apply(torch._grouped_mm(act(h), w2, offs=offs))
+    if impl == "bmm":
+        cap = int(counts.max())
+        starts = counts.cumsum(0) - counts
+        expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=M)
+        slot = expert * cap + torch.arange(M, device=xs.device) - starts[expert]  # row -> padded position
+        buf = xs.new_zeros(E * cap, xs.shape[1]).index_copy(0, slot, xs).view(E, cap, -1)
+        return torch.bmm(act(torch.bmm(buf, w13)), w2).view(E * cap, -1)[slot]
+    # loop: the per-expert reference
+    outs = [act(x_e @ w13[e]) @ w2[e] for e, x_e in enumerate(xs.split(counts.tolist()))]
+    return torch.cat(outs)
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored as stacked weights (gate and up fused: w13[e] = [W_gateᵀ | W_upᵀ])."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int, impl: str = "auto"):
+        super().__init__()
+        self.n_experts, self.inter, self.impl = n_experts, inter, impl
+        self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * inter))  # [E, d, 2I]
+        self.w2 = nn.Parameter(torch.empty(n_experts, inter, dim))  # [E, I, d]
+
+    def mlp_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The expert GEMMs on rows already sorted by expert (swapped by the FP8 recipe and used by EP)."""
+        return sorted_swiglu(xs, self.w13.to(xs.dtype), self.w2.to(xs.dtype), counts, self.impl)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d], idx/weights [N, K] -> sum_k weights[:, k] * Expert_idx[:, k](x)  [N, d]."""
+        K = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # group the N*K token copies by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // K
+        ys = self.mlp_sorted(x[token], counts)  # [M, d]
+        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_impl)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        # tokens routed to each expert since the last reset (read and zeroed by the loss-free balancer)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.capture_router = False  # when True, keep (scores, idx, (B, T)) for the auxiliary losses
+        self.router_record: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(xf)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)
+        if self.capture_router:
+            self.router_record = (scores, idx, tuple(shape[:-1]))
+        y = self.experts(xf, idx, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+        return y.view(shape)
