@@ -20,10 +20,7 @@ loads without MTP, says so in one warning line, and anything needing MTP later r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_dir
 from .config import ModelConfig
 from .errors import NanoseekError
 from .fp8 import block_dequant, block_quant
@@ -412,9 +410,7 @@ def save_pretrained(
         shards[-1].append(kv)
         size += nbytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, carry_over=True) as tmp:
         n = len(shards)
         wmap = {}
         for i, shard in enumerate(shards):
@@ -426,23 +422,3 @@ def save_pretrained(
             index = {"metadata": {"total_size": total}, "weight_map": wmap}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, fp8=fp8), indent=2))
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is swapped out, so a crash never leaves a half-written one.
-    Files in an existing target that the export does not produce (e.g. tokenizer.json) are carried over."""
-    if target.exists():
-        for f in target.iterdir():
-            stale = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
-            if f.is_file() and not stale and not (new / f.name).exists():
-                shutil.copy2(f, new / f.name)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)

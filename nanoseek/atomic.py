@@ -1,0 +1,50 @@
+"""Crash-safe writes: build a directory or file under a temporary name, then rename it into place.
+
+A rename within one filesystem is atomic, so a kill at any moment leaves either the previous version or the
+new one, never a half-written mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, carry_over: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `target`; on success it replaces `target`.
+
+    With `carry_over`, plain files of an existing target that the new version does not write are copied in
+    (e.g. a tokenizer.json beside exported weights), except stale weight shards and indexes.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            if carry_over:
+                for f in target.iterdir():
+                    stale = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
+                    if f.is_file() and not stale and not (tmp / f.name).exists():
+                        shutil.copy2(f, tmp / f.name)
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
