@@ -1,0 +1,336 @@
+"""Tokenizer and streaming data pipeline: exact round trips, exact packing, bit-identical resume, clear errors."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanoseek.data as data
+import nanoseek.tokenizer as tokmod
+from nanoseek.data import TokenStream, corpus_from_spec, default_corpus, val_batches
+from nanoseek.errors import NanoseekError
+from nanoseek.tokenizer import Tokenizer, check_vocab_fits, get_tokenizer, train_tokenizer
+
+WORDS = ["def", "class", "return", "self", "import", "for", "while", "lambda", "yield", "None", "data"]
+TRICKY = [
+    "",
+    "hello world",
+    "  two leading spaces, trailing spaces  ",
+    "\n\n\t\r\n mixed\twhitespace \x0b\x0c\n",
+    "naïve café, Straße, ΑΒΓ, кириллица",
+    "日本語のテキストと中文",
+    "emoji 🚀 and a family 👩\u200d👩\u200d👧 and e\u0301 combining",
+    "control \x00\x01\x7f bytes",
+    "مرحبا بالعالم",
+    "literal <|endoftext|> in text",
+    "    def f(x):\n        return x ** 2  # comment\n",
+]
+
+
+def _text(seed: int, n_lines: int) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        indent = "    " * rng.randrange(3)
+        lines.append(indent + " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 9))))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer([_text(i, 200) for i in range(20)] + TRICKY, 400)
+
+
+def _make_dir(root, n_files=12, n_lines=60):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (root / f"f{i:02d}.py").write_text(_text(i, n_lines + 7 * i), encoding="utf-8")
+    return root
+
+
+def _docs_of(tok, sources):
+    return {tuple(tok.encode(s.path.read_bytes()[s.start : s.end].decode("utf-8", "replace"))) for s in sources}
+
+
+def _split_docs(flat, eos):
+    docs, cur = [], []
+    for t in flat:
+        if t == eos:
+            docs.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_roundtrip_tricky_strings(tok):
+    for s in TRICKY:
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.encode_batch(TRICKY) == [tok.encode(s) for s in TRICKY]
+    # Special-token text is encoded literally; only the packer emits the EOS id.
+    assert tok.eos_id not in tok.encode("a <|endoftext|> b")
+    assert tok.encode("<|endoftext|>", allow_special=True) == [tok.eos_id]
+    assert tok.decode([tok.eos_id]) == "<|endoftext|>"
+
+
+def test_trained_vocab_exact_and_too_small(tok):
+    assert tok.vocab_size == 400
+    assert tok.eos_id == 0
+    assert train_tokenizer([_text(1, 300)], 300).vocab_size == 300
+    with pytest.raises(NanoseekError, match="vocab_size 100"):
+        train_tokenizer(["abc"], 100)
+
+
+def test_save_and_from_file(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    back = Tokenizer.from_file(path)
+    assert back.vocab_size == tok.vocab_size and back.eos_id == tok.eos_id
+    assert [back.encode(s) for s in TRICKY] == [tok.encode(s) for s in TRICKY]
+
+
+def test_from_file_finds_foreign_eos(tmp_path):
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    def save(specials, folder):
+        t = tokenizers.Tokenizer(models.BPE())
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+        t.train_from_iterator([_text(0, 50)], trainer)
+        folder.mkdir()
+        t.save(str(folder / "tokenizer.json"))
+        return folder / "tokenizer.json"
+
+    ds = save(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"], tmp_path / "ds")
+    assert Tokenizer.from_file(ds).eos_id == 1
+    cfg = save(["<s>", "</s>", "<|im_end|>"], tmp_path / "cfg")
+    assert Tokenizer.from_file(cfg).eos_id == 1  # "</s>" from the candidate list
+    (cfg.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
+    assert Tokenizer.from_file(cfg).eos_id == 2  # the config wins
+    none = save(["<pad>"], tmp_path / "none")
+    with pytest.raises(NanoseekError, match=r"none/tokenizer\.json: no end-of-sequence token"):
+        Tokenizer.from_file(none)
+    with pytest.raises(NanoseekError, match=r"missing\.json does not exist"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(NanoseekError, match=r"bad\.json is not a valid tokenizer\.json"):
+        Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_get_tokenizer_caches(tmp_path, monkeypatch):
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c")))
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+    first = get_tokenizer(corpus, 300)
+    files = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(files) == 1 and first.source == str(files[0]) and first.vocab_size == 300
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although a cached tokenizer exists")
+
+    monkeypatch.setattr(tokmod, "train_tokenizer", no_training)
+    again = get_tokenizer(corpus, 300)
+    assert again.source == first.source and again.encode(TRICKY[6]) == first.encode(TRICKY[6])
+    # A different vocab size or a changed training file is a different tokenizer: it must train.
+    with pytest.raises(AssertionError, match="retrained"):
+        get_tokenizer(corpus, 301)
+    (tmp_path / "c" / corpus.train[0].rel).write_text("changed\n" * 50)
+    with pytest.raises(AssertionError, match="retrained"):
+        get_tokenizer(corpus_from_spec(str(tmp_path / "c")), 300)
+
+
+def test_check_vocab_fits(tok):
+    check_vocab_fits(tok, 400, "tok.json")
+    with pytest.raises(NanoseekError, match=r"tokenizer tok\.json has 400 tokens .* vocab_size is 399"):
+        check_vocab_fits(tok, 399, "tok.json")
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def test_default_corpus_stdlib_split():
+    a, b = default_corpus(), default_corpus()
+    assert len(a.train) + len(a.val) > 500
+    assert [s.rel for s in a.train] == [s.rel for s in b.train] and [s.rel for s in a.val] == [s.rel for s in b.val]
+    assert not {s.rel for s in a.train} & {s.rel for s in a.val}
+    assert 0.01 < len(a.val) / (len(a.train) + len(a.val)) < 0.08
+    assert all(s.rel.endswith(".py") and "site-packages" not in s.rel for s in a.train + a.val)
+
+
+def test_directory_split_deterministic_disjoint(tmp_path):
+    root = _make_dir(tmp_path / "c", n_files=60, n_lines=5)
+    (root / "sub").mkdir()
+    (root / "sub" / "notes.md").write_text("# notes\n")
+    (root / "sub" / "docs.jsonl").write_text('{"text": "a"}\n')
+    (root / "skip.bin").write_text("not a text suffix")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "x.txt").write_text("hidden")
+    (root / "empty.txt").write_text("")
+    a, b = corpus_from_spec(str(root)), corpus_from_spec(str(root) + "/")
+    rels = lambda ss: [s.rel for s in ss]
+    assert rels(a.train) == rels(b.train) and rels(a.val) == rels(b.val)
+    assert len(a.val) >= 1 and not set(rels(a.train)) & set(rels(a.val))
+    expected = {f"f{i:02d}.py" for i in range(60)} | {"sub/notes.md", "sub/docs.jsonl"}
+    assert set(rels(a.train)) | set(rels(a.val)) == expected
+    # A glob of the same files gives the same split (same paths relative to their common folder).
+    g = corpus_from_spec(str(root / "*.py"))
+    assert set(rels(g.val)) == {r for r in rels(a.val) if r.endswith(".py")}
+
+
+def test_two_files_and_single_file_splits(tmp_path):
+    _make_dir(tmp_path / "two", n_files=2)
+    two = corpus_from_spec(str(tmp_path / "two"))
+    assert len(two.train) == 1 and len(two.val) == 1
+    text = _text(3, 500)
+    (tmp_path / "one.txt").write_text(text)
+    one = corpus_from_spec(str(tmp_path / "one.txt"))
+    (tr,), (va,) = one.train, one.val
+    assert tr.start == 0 and tr.end == va.start and va.end == len(text.encode())
+    assert 0.02 < (va.end - va.start) / va.end < 0.08 and text.encode()[va.start - 1] == ord("\n")
+    lines = [json.dumps({"text": f"doc {i} " + "é" * i}) for i in range(100)]
+    (tmp_path / "one.jsonl").write_text("\n".join(lines) + "\n")
+    split = corpus_from_spec(str(tmp_path / "one.jsonl"))
+    (tr,), (va,) = split.train, split.val
+    n_val = (tmp_path / "one.jsonl").read_bytes()[va.start :].count(b"\n")
+    assert tr.end == va.start and 1 <= n_val <= 8
+    (tmp_path / "line.txt").write_text("x" * 1000)  # no newline at all: cut inside the line
+    split = corpus_from_spec(str(tmp_path / "line.txt"))
+    (tr,), (va,) = split.train, split.val
+    assert 0 < tr.end == va.start < 1000
+
+
+def test_corpus_errors(tmp_path):
+    cases = {
+        str(tmp_path / "nope"): "nope: no such file or directory",
+        str(_make_dir(tmp_path / "nousable", 0)): "nousable: no .txt/.py/.md/.jsonl files",
+        str(tmp_path / "*.nothing"): r"\*\.nothing: the pattern matches no files",
+    }
+    (tmp_path / "empties").mkdir()
+    (tmp_path / "empties" / "a.txt").write_text("")
+    (tmp_path / "empties" / "b.md").write_text("")
+    cases[str(tmp_path / "empties")] = r"all 2 file\(s\) are empty, e\.g\. .*empties/a\.txt"
+    (tmp_path / "single.jsonl").write_text('{"text": "only one"}\n')
+    cases[str(tmp_path / "single.jsonl")] = r"single\.jsonl: a single \.jsonl file needs at least 2 lines"
+    for spec, pattern in cases.items():
+        with pytest.raises(NanoseekError, match=pattern):
+            corpus_from_spec(spec)
+
+
+def test_unreadable_file_error(tmp_path, monkeypatch):
+    root = _make_dir(tmp_path / "c", n_files=3)
+    target = root / "f01.py"
+    target.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: pretend the permission check fails
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != target and real_access(p, mode))
+    with pytest.raises(NanoseekError, match=r"cannot read .*f01\.py: Permission denied"):
+        corpus_from_spec(str(root))
+
+
+@pytest.mark.parametrize(
+    ("line", "pattern"),
+    [
+        ("{broken", "line {}: invalid JSON"),
+        ('{"txt": "x"}', "line {}: expected .* 'text'"),
+        ("[1]", "line {}: "),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tok, tmp_path, line, pattern):
+    good = '{"text": "a"}\n'
+    for bad_line, split in ((3, "train"), (99, "val")):  # the val range starts mid-file: lines still count
+        path = tmp_path / f"bad{bad_line}.jsonl"
+        path.write_text(good + "\n" + good * (bad_line - 3) + line + "\n" + good * (100 - bad_line))
+        corpus = corpus_from_spec(str(path))
+        with pytest.raises(NanoseekError, match=rf"bad{bad_line}\.jsonl " + pattern.format(bad_line)):
+            if split == "train":
+                TokenStream(corpus, tok, 8).next_batch(2)
+            else:
+                val_batches(corpus, tok, 8, 2, 100)
+
+
+def test_deleted_file_and_bad_utf8(tok, tmp_path):
+    root = _make_dir(tmp_path / "c", n_files=3)
+    (root / "latin1.txt").write_bytes("café\n".encode("latin-1") * 200)  # undecodable: replaced, not fatal
+    corpus = corpus_from_spec(str(root))
+    flat = TokenStream(corpus, tok, 63, split="train").next_batch(16).flatten().tolist()
+    assert "caf\ufffd" in tok.decode(flat)
+    gone = corpus.train[0].path
+    gone.unlink()
+    with pytest.raises(NanoseekError, match=f"cannot read {gone}"):
+        stream = TokenStream(corpus, tok, 63, seed=1)
+        for _ in range(40):
+            stream.next_batch(4)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def test_packing_reproduces_eos_joined_stream(tok, tmp_path, monkeypatch):
+    # Small pieces and groups so that documents are split across pieces, groups and rows.
+    monkeypatch.setattr(data, "PIECE_BYTES", 300)
+    root = _make_dir(tmp_path / "c", n_files=14)
+    (root / "data.jsonl").write_text("".join(json.dumps({"text": _text(100 + i, 3)}) + "\n" for i in range(30)))
+    corpus = corpus_from_spec(str(root))
+    stream = TokenStream(corpus, tok, seq_len=31, seed=3, group_bytes=700)
+    batches = [stream.next_batch(5) for _ in range(120)]
+    assert all(b.shape == (5, 32) and b.dtype == torch.long for b in batches)
+    flat = torch.cat(batches).flatten().tolist()
+    assert len(flat) == 120 * 5 * 32
+    # Files are whole documents, .jsonl lines are documents; each epoch has each of them exactly once.
+    file_docs = _docs_of(tok, [s for s in corpus.train if not s.is_jsonl])
+    jsonl = next(s for s in corpus.train if s.is_jsonl)
+    line_docs = [tuple(tok.encode(json.loads(line)["text"])) for line in jsonl.path.read_text().splitlines()]
+    docs = _split_docs(flat, tok.eos_id)
+    per_epoch = len(file_docs) + len(line_docs)
+    assert len(docs) >= 2 * per_epoch
+    epochs = [docs[i * per_epoch : (i + 1) * per_epoch] for i in range(2)]
+    for ep in epochs:
+        assert sorted(ep) == sorted(file_docs | set(line_docs)) and len(set(ep)) == len(ep)
+        start = ep.index(line_docs[0])
+        assert ep[start : start + len(line_docs)] == line_docs  # a .jsonl file's documents stay in order
+    assert epochs[0] != epochs[1]  # a fresh file order each epoch
+    again = TokenStream(corpus, tok, seq_len=31, seed=3, group_bytes=700)
+    assert all(torch.equal(again.next_batch(5), b) for b in batches[:20])
+    other = TokenStream(corpus, tok, seq_len=31, seed=4, group_bytes=700)
+    assert not all(torch.equal(other.next_batch(5), b) for b in batches[:20])
+
+
+@pytest.mark.parametrize("group_bytes", [500, data.GROUP_BYTES])
+def test_resume_is_bit_identical(tok, tmp_path, group_bytes):
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=10)))
+    ref = TokenStream(corpus, tok, seq_len=47, seed=7, group_bytes=group_bytes)
+    states, batches = [], []
+    for _ in range(60):  # well past one epoch (~10k tokens)
+        states.append(ref.state_dict())
+        batches.append(ref.next_batch(3))
+    for i in (0, 1, 17, 33, 55):
+        state = json.loads(json.dumps(states[i]))  # plain ints and strings, as stored in a checkpoint
+        assert len(json.dumps(state)) < 400
+        resumed = TokenStream(corpus, tok, seq_len=47, seed=0)
+        resumed.load_state_dict(state)
+        for b in batches[i:]:
+            assert torch.equal(resumed.next_batch(3), b)
+    other = corpus_from_spec(str(_make_dir(tmp_path / "d", n_files=9)))
+    with pytest.raises(NanoseekError, match="differ from those of the checkpoint"):
+        TokenStream(other, tok, seq_len=47).load_state_dict(states[5])
+
+
+def test_val_batches(tok, tmp_path):
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=6, n_lines=300)))
+    a = val_batches(corpus, tok, seq_len=15, batch_size=4, max_tokens=16 * 10 + 5)
+    b = val_batches(corpus, tok, seq_len=15, batch_size=4, max_tokens=16 * 10 + 5)
+    assert [x.shape for x in a] == [(4, 16), (4, 16), (2, 16)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    flat = torch.cat(a).flatten().tolist()
+    expected = [t for s in corpus.val for t in (*_docs_of(tok, [s]).pop(), tok.eos_id)]
+    assert flat == expected[:160]
+    everything = val_batches(corpus, tok, seq_len=15, batch_size=1000, max_tokens=10**9)
+    assert sum(x.numel() for x in everything) == len(expected) // 16 * 16
+    with pytest.raises(NanoseekError, match="less than one row"):
+        val_batches(corpus, tok, seq_len=10**6, batch_size=1, max_tokens=10**7)
