@@ -1,9 +1,71 @@
 import os
+import random
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# keep trained tokenizers out of the user's cache, but shared across the tests of one session
+os.environ.setdefault("NANOSEEK_CACHE", tempfile.mkdtemp(prefix="nanoseek-test-cache-"))
+
+WORDS = [
+    "def",
+    "class",
+    "return",
+    "import",
+    "self",
+    "value",
+    "index",
+    "data",
+    "model",
+    "token",
+    "expert",
+    "layer",
+    "cache",
+    "yield",
+    "lambda",
+    "for",
+    "while",
+    "if",
+    "else",
+    "try",
+    "except",
+    "with",
+    "as",
+    "in",
+    "not",
+    "and",
+    "or",
+    "None",
+    "True",
+    "False",
+    "print",
+    "list",
+    "dict",
+    "range",
+]
+
+
+def synthetic_text(seed: int, n_docs: int, words_per_doc: int = 200) -> list[str]:
+    """Deterministic pseudo-code documents (stable across machines and Python versions)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        lines = []
+        for _ in range(words_per_doc // 8):
+            indent = "    " * rng.randrange(3)
+            lines.append(indent + " ".join(rng.choice(WORDS) for _ in range(8)) + rng.choice([":", "", "()"]))
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+@pytest.fixture
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(synthetic_text(0, 40)):
+        (d / f"doc{i:02d}.py").write_text(doc)
+    return d
 
 
 @pytest.fixture(autouse=True)

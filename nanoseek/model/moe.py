@@ -51,7 +51,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> combine weights [N, K] (fp32), expert ids [N, K], unbiased scores [N, E] (fp32)."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # the gate stays fp32 in every precision recipe
+        with torch.autocast(x.device.type, enabled=False):  # the gate stays fp32 in every precision recipe
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
@@ -143,6 +144,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], idx/weights [N, K] -> sum_k weights[:, k] * Expert_idx[:, k](x)  [N, d]."""
         K = idx.shape[1]
+        if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not on autocast's op list
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # group the N*K token copies by expert
         counts = torch.bincount(flat, minlength=self.n_experts)

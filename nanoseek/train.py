@@ -1,0 +1,417 @@
+"""`nanoseek train`: pre-train a DeepSeek-V3-style model, CPU first.
+
+One step = `grad_accum` micro-batches of next-token prediction plus the weighted MTP loss
+(λ/D Σ_k L^k, V3 §2.2) and the enabled balance losses, then gradient clipping, AdamW and the loss-free
+routing-bias update (an optimizer step hook, outside autograd). Mixed precision follows the V3 recipe:
+fp32 master weights and optimizer states, bf16 compute through autocast (the gate, norms, softmax and
+loss stay fp32), or the FP8 recipe on top of it (`--precision fp8`).
+
+Outputs in --out: config.json (the model), tokenizer.json, train_config.json (every setting; replay with
+--config), metrics.jsonl (one object per step and per evaluation) and checkpoints/step_*/ (model, tokenizer,
+optimizer/scheduler/data/RNG state), written atomically so a kill never leaves a broken checkpoint. --resume
+continues bit-identically: the loss curve matches the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .atomic import atomic_dir, atomic_write_text
+from .balance import LossFreeBalancer, capture_router, maxvio, router_losses
+from .config import ModelConfig, get_preset
+from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
+from .errors import NanoseekError
+from .model import Transformer
+from .tokenizer import Tokenizer, check_vocab_fits, get_tokenizer
+from .train_config import TrainConfig, add_arguments, from_args, run_dir_of, validate
+
+
+# --- model and optimizer -------------------------------------------------------------------------------------
+def build_model_config(tc: TrainConfig) -> ModelConfig:
+    cfg = get_preset(tc.preset)
+    if tc.model_config:
+        try:
+            extra = json.loads(Path(tc.model_config).read_text())
+        except (OSError, ValueError) as e:
+            raise NanoseekError(f"cannot read --model-config {tc.model_config}: {e}") from None
+        extra.pop("format", None)
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **extra}, tc.model_config)
+    kw = {}
+    fields = cfg.to_dict()
+    for item in tc.override:
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise NanoseekError(f"--override {item}: {key!r} is not a ModelConfig field")
+        try:
+            kw[key] = type(fields[key])(json.loads(raw)) if not isinstance(fields[key], str) else raw
+        except (ValueError, TypeError):
+            raise NanoseekError(f"--override {item}: cannot parse {raw!r} as {type(fields[key]).__name__}") from None
+    if tc.mtp_depth is not None:
+        kw["num_nextn_predict_layers"] = tc.mtp_depth
+    return cfg.replace(**kw) if kw else cfg
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm gains and other vectors are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+    if tc.optim_states == "bf16":
+        from .optim import AdamWLowPrecisionStates
+
+        return AdamWLowPrecisionStates(groups, state_dtype=torch.bfloat16, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def lr_lambda(tc: TrainConfig):
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(10, tc.steps // 20)
+
+    def f(step: int) -> float:  # step = number of optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, tc.steps - warmup))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# --- losses --------------------------------------------------------------------------------------------------
+def lm_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, use_mtp: bool):
+    """(main next-token CE, [CE of each MTP depth]). MTP depth k at position i predicts t_{i+k+1} = y[:, i+k]."""
+    if use_mtp:
+        main, mtps = model.forward_mtp(x)
+    else:
+        main, mtps = model(x), []
+    vocab = main.shape[-1]
+    loss = F.cross_entropy(main.float().reshape(-1, vocab), y.reshape(-1))
+    mtp = [F.cross_entropy(m.float().reshape(-1, vocab), y[:, k + 1 :].reshape(-1)) for k, m in enumerate(mtps)]
+    return loss, mtp
+
+
+class Trainer:
+    def __init__(self, tc: TrainConfig):
+        validate(tc)
+        self.tc = tc
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.out = tc.resolved_out()
+        self.resume_from = None
+        if tc.resume is not None:
+            self.out = run_dir_of(tc.resume, tc)
+            found = ckpt.list_checkpoints(self.out)
+            if tc.resume not in ("latest",) and Path(tc.resume).parent.name == "checkpoints":
+                found = [p for p in found if p == Path(tc.resume)]
+            if not found:
+                raise NanoseekError(f"--resume: no checkpoint found in {self.out}")
+            self.resume_from = found[-1]
+
+        # data and tokenizer
+        self.corpus = corpus_from_spec(tc.data) if tc.data else default_corpus()
+        self.cfg = build_model_config(tc)
+        if tc.tokenizer:
+            self.tok = Tokenizer.from_file(tc.tokenizer)
+            check_vocab_fits(self.tok, self.cfg.vocab_size, tc.tokenizer)
+        elif self.resume_from is not None and (self.out / "tokenizer.json").exists():
+            self.tok = Tokenizer.from_file(self.out / "tokenizer.json")
+        else:
+            self.tok = get_tokenizer(self.corpus, self.cfg.vocab_size)
+            check_vocab_fits(self.tok, self.cfg.vocab_size, self.tok.source)
+
+        # model, optimizer, schedule, balancing
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(self.cfg)
+        if tc.precision == "fp8":
+            from .fp8 import convert_to_fp8
+
+            convert_to_fp8(self.model, granularity=tc.fp8_granularity)
+        self.model.train()
+        self.use_mtp = bool(len(self.model.mtp)) and (tc.mtp_weight > 0 or tc.mtp_weight_late > 0)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
+        self.seq_alpha = (
+            tc.seq_aux_alpha if tc.seq_aux_alpha is not None else (1e-4 if tc.balance == "loss-free" else 0.0)
+        )
+        self.batch_alpha = tc.aux_alpha if tc.balance == "aux" else 0.0
+        capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
+        self.balancer = LossFreeBalancer(self.model, tc.bias_update_rate if tc.balance == "loss-free" else 0.0)
+        self.balancer.attach(self.optimizer)
+        self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
+
+        self.stream = TokenStream(self.corpus, self.tok, tc.seq_len, seed=tc.seed)
+        self.val = val_batches(self.corpus, self.tok, tc.seq_len, tc.batch_size, tc.eval_tokens)
+        self.step = 0
+        self.tokens_seen = 0
+        self.nan_skips = self.consecutive_nan = 0
+        self.elapsed = 0.0
+        self.last_eval: dict = {}
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        else:
+            self._init_out_dir()
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+    def _init_out_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps({"format": ckpt.FORMAT, **self.cfg.to_dict()}, indent=2))
+        self.tok.save(self.out / "tokenizer.json")
+        atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
+        (self.out / "metrics.jsonl").write_text("")
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def autocast(self):
+        if self.tc.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+    def mtp_weight(self) -> float:
+        late = self.tc.mtp_weight_drop_step is not None and self.step >= self.tc.mtp_weight_drop_step
+        return self.tc.mtp_weight_late if late else self.tc.mtp_weight
+
+    # --- one optimizer step ----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        tc = self.tc
+        t0 = time.perf_counter()
+        lam = self.mtp_weight()
+        sums = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        finite = True
+        for _ in range(tc.grad_accum):
+            batch = self.stream.next_batch(tc.batch_size)
+            x, y = batch[:, :-1], batch[:, 1:]
+            with self.autocast():
+                loss, mtp = self.forward(self.model, x, y, self.use_mtp)
+                total = loss
+                if mtp:
+                    total = total + lam * torch.stack(mtp).mean()
+                aux = router_losses(self.model, self.seq_alpha, self.batch_alpha)
+                if aux is not None:
+                    total = total + aux
+            if not torch.isfinite(total):
+                finite = False
+                break
+            (total / tc.grad_accum).backward()
+            sums["loss"] += loss.item() / tc.grad_accum
+            sums["mtp_loss"] += (torch.stack(mtp).mean().item() if mtp else 0.0) / tc.grad_accum
+            sums["aux_loss"] += (aux.item() if aux is not None else 0.0) / tc.grad_accum
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+            finite = math.isfinite(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if finite:
+            self.optimizer.step()  # the loss-free balancer runs from this step's post-hook
+            self.scheduler.step()
+            self.consecutive_nan = 0
+        else:
+            self.nan_skips += 1
+            self.consecutive_nan += 1
+            self.balancer.reset()
+            if self.consecutive_nan >= tc.max_nan_skips:
+                raise NanoseekError(
+                    f"the loss or gradient was NaN/inf for {self.consecutive_nan} consecutive steps (last at step "
+                    f"{self.step + 1}); lower --lr or check the data. The last checkpoint is intact in {self.out}"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        ntok = tc.grad_accum * tc.batch_size * tc.seq_len
+        self.tokens_seen += ntok
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        vio = self.balancer.maxvio_batch() if finite else []
+        rec = {
+            "step": self.step,
+            **{k: (v if finite else None) for k, v in sums.items()},
+            "mtp_weight": lam if self.use_mtp else 0.0,
+            "lr": lr,
+            "grad_norm": grad_norm if finite else None,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": ntok / dt,
+            "maxvio_batch": float(np.mean(vio)) if vio else None,
+            "maxvio_batch_layers": vio,
+            "expert_load": [c.tolist() for c in self.balancer.last_counts if c.sum() > 0] if finite else [],
+            "skipped": not finite,
+            "nan_skips": self.nan_skips,
+        }
+        self._log(rec)
+        return rec
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        capture_router(self.model, False)
+        losses, mtp_losses, n = 0.0, 0.0, 0
+        for batch in self.val:
+            x, y = batch[:, :-1], batch[:, 1:]
+            with self.autocast():
+                loss, mtp = lm_losses(self.model, x, y, self.use_mtp)
+            losses += loss.item() * len(batch)
+            mtp_losses += (torch.stack(mtp).mean().item() if mtp else 0.0) * len(batch)
+            n += len(batch)
+        # the routed-token counts over the whole validation set give MaxVio_global
+        layers = [m for m in self.balancer.layers if m.tokens_per_expert.sum() > 0]
+        load = [m.tokens_per_expert.tolist() for m in layers]
+        vio = [maxvio(m.tokens_per_expert) for m in layers]
+        self.balancer.reset()
+        capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
+        self.model.train()
+        rec = {
+            "step": self.step,
+            "val_loss": losses / n,
+            "val_mtp_loss": mtp_losses / n if self.use_mtp else None,
+            "maxvio_global": float(np.mean(vio)) if vio else None,
+            "maxvio_global_layers": vio,
+            "val_expert_load": load,
+            "val_tokens": n * self.tc.seq_len,
+        }
+        self._log(rec)
+        self.last_eval = rec
+        return rec
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        target = self.out / "checkpoints" / f"step_{self.step:07d}"
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.stream.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "tokens_seen": self.tokens_seen,
+            "nan_skips": self.nan_skips,
+            "consecutive_nan": self.consecutive_nan,
+            "elapsed": self.elapsed,
+        }
+        with atomic_dir(target) as tmp:
+            ckpt.save_model(self.model, tmp)
+            self.tok.save(tmp / "tokenizer.json")
+            torch.save(state, tmp / "trainer_state.pt")
+        for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = ckpt.read_config(directory)
+        if saved.to_dict() | {"name": ""} != self.cfg.to_dict() | {"name": ""}:
+            raise NanoseekError(f"--resume: the model settings differ from the checkpoint {directory}")
+        self.model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+        try:
+            state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        except (OSError, RuntimeError) as e:
+            raise NanoseekError(f"--resume: cannot read {directory / 'trainer_state.pt'}: {e}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]
+        self.tokens_seen, self.nan_skips = state["tokens_seen"], state["nan_skips"]
+        self.consecutive_nan, self.elapsed = state["consecutive_nan"], state["elapsed"]
+        # drop metrics logged after this checkpoint (by a run that died before its next save)
+        mfile = self.out / "metrics.jsonl"
+        keep = (
+            [ln for ln in mfile.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            if mfile.exists()
+            else []
+        )
+        atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
+        atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        tc = self.tc
+        bar = None
+        if tc.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=tc.steps,
+                initial=self.step,
+                desc=f"train {self.cfg.name}",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=0.5,
+                file=sys.stderr,
+            )
+        last_saved = self.step if self.resume_from is not None else -1
+        while self.step < tc.steps:
+            rec = self.train_step()
+            if bar is not None:
+                post = {
+                    "loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
+                    "tok/s": f"{rec['tokens_per_s']:.0f}",
+                }
+                if rec["maxvio_batch"] is not None:
+                    post["maxvio"] = f"{rec['maxvio_batch']:.2f}"
+                if self.last_eval:
+                    post["val"] = f"{self.last_eval['val_loss']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                self.evaluate()
+            if self.step % tc.save_every == 0 or self.step == tc.steps:
+                self.save()
+                last_saved = self.step
+        if bar is not None:
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        if not self.last_eval or self.last_eval["step"] != self.step:
+            self.evaluate()
+        summary = {
+            "out": str(self.out),
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "seconds": round(self.elapsed, 2),
+            "tokens_per_s": self.tokens_seen / self.elapsed if self.elapsed else None,
+            "val_loss": self.last_eval.get("val_loss"),
+            "val_mtp_loss": self.last_eval.get("val_mtp_loss"),
+            "maxvio_global": self.last_eval.get("maxvio_global"),
+            "nan_skips": self.nan_skips,
+            "checkpoint": str(ckpt.list_checkpoints(self.out)[-1]),
+        }
+        if tc.plot:
+            from .plot import plot_run
+
+            plot_run(self.out)
+        return summary
+
+
+def train(tc: TrainConfig) -> dict:
+    """Train as configured; returns the run summary (also usable from Python and the benches)."""
+    return Trainer(tc).fit()
+
+
+def _cli(args) -> None:
+    tc = from_args(args)
+    s = train(tc)
+    val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
+    vio = f"{s['maxvio_global']:.3f}" if s["maxvio_global"] is not None else "n/a"
+    print(
+        f"trained {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f}s ({s['tokens_per_s']:.0f} tok/s); "
+        f"val loss {val}, MaxVio_global {vio}; checkpoint {s['checkpoint']}"
+    )
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("train", help="pre-train a model (default: tiny on the Python stdlib, a few minutes on CPU)")
+    add_arguments(p)
+    p.set_defaults(func=_cli)

@@ -1,0 +1,283 @@
+"""Training: golden losses, bit-identical resume, loss-free balancing, balance/MTP losses, robustness."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import NanoseekError, get_preset
+from nanoseek.balance import LossFreeBalancer, batch_aux_loss, maxvio, seq_aux_loss
+from nanoseek.model.moe import MoE
+from nanoseek.train import Trainer, lm_losses, train
+from nanoseek.train_config import TrainConfig
+
+SMALL = [
+    "hidden_size=64",
+    "intermediate_size=128",
+    "num_hidden_layers=3",
+    "moe_intermediate_size=32",
+    "q_lora_rank=32",
+    "kv_lora_rank=16",
+    "qk_nope_head_dim=16",
+    "qk_rope_head_dim=8",
+    "v_head_dim=16",
+    "n_routed_experts=8",
+    "init_std=0.02",
+    "vocab_size=512",
+]
+GOLDEN = Path(__file__).parent / "assets" / "golden_tiny.json"
+
+
+def tc(tmp_path, corpus_dir, **kw):
+    base = dict(
+        preset="tiny",
+        override=list(SMALL),
+        data=str(corpus_dir),
+        steps=6,
+        batch_size=2,
+        seq_len=32,
+        eval_every=3,
+        save_every=3,
+        eval_tokens=200,
+        progress=False,
+        out=str(tmp_path / "run"),
+        lr=3e-3,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def step_records(run: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r]
+
+
+STABLE = ("step", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "maxvio_batch", "expert_load")
+
+
+def test_golden_losses_of_tiny(tmp_path, corpus_dir):
+    """The first steps of the full `tiny` preset under a fixed seed reproduce stored losses (fp32)."""
+    cfg = TrainConfig(
+        preset="tiny",
+        data=str(corpus_dir),
+        steps=5,
+        batch_size=2,
+        seq_len=64,
+        eval_every=5,
+        save_every=5,
+        eval_tokens=130,
+        progress=False,
+        out=str(tmp_path / "g"),
+        precision="fp32",
+    )
+    train(cfg)
+    losses = [round(r["loss"], 5) for r in step_records(tmp_path / "g")]
+    if os.environ.get("NANOSEEK_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"losses": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())["losses"]
+    assert losses == pytest.approx(golden, abs=2e-4)
+    assert losses[0] == pytest.approx(math.log(4096), abs=0.05)  # a fresh model is uniform over the vocabulary
+    assert losses[-1] < losses[0] - 0.5  # and it learns
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_identical(tmp_path, corpus_dir, monkeypatch, precision):
+    full = tc(tmp_path / "a", corpus_dir, precision=precision, grad_accum=2)
+    train(full)
+    ref = step_records(tmp_path / "a" / "run")
+    assert len(ref) == 6
+
+    # the same run, killed during step 5 (after the step-3 checkpoint), then resumed
+    real = Trainer.train_step
+
+    def dying(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2))
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert [r["step"] for r in step_records(tmp_path / "b" / "run")] == [1, 2, 3, 4]
+    train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2, resume="latest"))
+    got = step_records(tmp_path / "b" / "run")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(ref, got):
+        assert {k: a[k] for k in STABLE} == {k: b[k] for k in STABLE}
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus_dir, monkeypatch):
+    t = Trainer(tc(tmp_path, corpus_dir))
+    for _ in range(3):
+        t.train_step()
+    first = t.save()
+    t.train_step()
+
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        t.save()
+    from nanoseek.checkpoint import list_checkpoints, load_model
+
+    assert list_checkpoints(t.out) == [first]
+    assert not [p for p in (t.out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp leftovers
+    load_model(first)
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path, corpus_dir, monkeypatch):
+    import nanoseek.train as tr
+
+    calls = {"n": 0}
+    real = tr.lm_losses
+
+    def sometimes_nan(model, x, y, use_mtp):
+        calls["n"] += 1
+        loss, mtp = real(model, x, y, use_mtp)
+        return (loss * float("nan"), mtp) if calls["n"] >= 3 else (loss, mtp)
+
+    monkeypatch.setattr(tr, "lm_losses", sometimes_nan)
+    t = Trainer(tc(tmp_path, corpus_dir, max_nan_skips=3))
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.train_step()
+    t.train_step()
+    after_good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert any(not torch.equal(before[k], after_good[k]) for k in before)
+    rec = t.train_step()
+    assert rec["skipped"] and rec["loss"] is None and t.nan_skips == 1
+    assert all(torch.equal(after_good[k], v) for k, v in t.model.state_dict().items())  # the step was skipped
+    t.train_step()
+    with pytest.raises(NanoseekError, match="NaN/inf for 3 consecutive steps"):
+        t.train_step()
+
+
+def test_loss_free_bias_lowers_an_overloaded_expert_and_maxvio_falls():
+    cfg = get_preset("tiny", hidden_size=32, n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, 0, 0.05)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.3  # a skewed router: expert 0 wins for most inputs
+    holder = torch.nn.Sequential(moe)
+    bal = LossFreeBalancer(holder, rate=1e-2)
+    x = torch.randn(256, 32) + 1.0
+    vios = []
+    for _ in range(150):
+        with torch.no_grad():
+            moe(x)
+        bal.step()
+        vios.append(bal.maxvio_batch()[0])
+    bias = moe.gate.e_score_correction_bias
+    steps = float(bias[0]) / bal.rate
+    assert abs(steps - round(steps)) < 1e-3  # moved in whole ±gamma steps (sign rule, not proportional)
+    assert bias[0] < -0.3 and bias[0] == bias.min()  # the overloaded expert's bias went down the most
+    assert vios[0] > 2.0 and max(vios[-20:]) < 0.5  # MaxVio fell from heavy imbalance to near balance
+    assert moe.gate.weight.grad is None  # the update never touched the gate weights or autograd
+
+
+def test_seq_aux_loss_and_batch_loss_equal_hand_computation():
+    torch.manual_seed(3)
+    B, T, E, K, alpha = 2, 5, 4, 2, 0.1
+    scores = torch.rand(B * T, E)
+    idx = scores.topk(K, -1).indices
+    got = seq_aux_loss(scores, idx, (B, T), alpha)
+    expect = 0.0
+    for b in range(B):
+        for i in range(E):
+            f = E / (K * T) * sum(int(i in idx[b * T + t].tolist()) for t in range(T))
+            p = sum(float(scores[b * T + t, i] / scores[b * T + t].sum()) for t in range(T)) / T
+            expect += alpha * f * p
+    assert float(got) == pytest.approx(expect / B, rel=1e-6)
+    f_all = [E / (K * B * T) * int((idx == i).sum()) for i in range(E)]
+    p_all = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    assert float(batch_aux_loss(scores, idx, alpha)) == pytest.approx(
+        alpha * sum(f * float(p) for f, p in zip(f_all, p_all)), rel=1e-6
+    )
+    assert maxvio(torch.tensor([4, 4, 4, 4])) == 0.0 and maxvio(torch.tensor([8, 0, 4, 4])) == 1.0
+
+
+def test_mtp_loss_equals_hand_computation():
+    from nanoseek.model import Transformer
+
+    m = Transformer(
+        get_preset(
+            "tiny",
+            hidden_size=32,
+            vocab_size=50,
+            num_hidden_layers=2,
+            num_nextn_predict_layers=2,
+            n_routed_experts=4,
+            n_group=1,
+            topk_group=1,
+            init_std=0.1,
+        )
+    )
+    tokens = torch.randint(0, 50, (2, 11))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad():
+        loss, mtp = lm_losses(m, x, y, use_mtp=True)
+        main, logits = m.forward_mtp(x)
+    for k, lg in enumerate(logits):
+        # depth k+1 at position i predicts token t_{i+k+2}, i.e. tokens[:, i+k+2]
+        nll = [-torch.log_softmax(lg[b, i], -1)[tokens[b, i + k + 2]] for b in range(2) for i in range(10 - k - 1)]
+        assert float(mtp[k]) == pytest.approx(float(torch.stack(nll).mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(main.reshape(-1, 50), y.reshape(-1))))
+
+
+def test_config_replay_and_explicit_flags_win(tmp_path, corpus_dir):
+    from nanoseek.cli import build_parser
+    from nanoseek.train_config import from_args
+
+    first = tc(tmp_path, corpus_dir, steps=2, eval_every=2, save_every=2)
+    train(first)
+    saved = tmp_path / "run" / "train_config.json"
+    assert json.loads(saved.read_text())["steps"] == 2
+    args = build_parser().parse_args(["train", "--config", str(saved), "--lr", "0.01"])
+    replay = from_args(args)
+    assert replay.lr == 0.01 and replay.steps == 2 and replay.override == SMALL and replay.data == str(corpus_dir)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, corpus_dir):
+    cases = [
+        (["train", "--data", str(tmp_path / "missing")], "missing"),
+        (["train", "--steps", "0"], "--steps must be >= 1"),
+        (["train", "--override", "no_such_field=3"], "'no_such_field' is not a ModelConfig field"),
+        (["train", "--resume", str(tmp_path / "nothing")], "no checkpoint found"),
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append((["train", "--data", str(empty)], str(empty)))
+    for argv, needle in cases:
+        r = run_cli(*argv, "--out", str(tmp_path / "o"), "--no-progress")
+        assert r.returncode == 2, (argv, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, r.stderr)
+    # a tokenizer larger than the model's vocabulary
+    import random
+
+    from nanoseek.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    text = " ".join(
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 9))) for _ in range(20000)
+    )
+    big = train_tokenizer([text], 600)
+    assert big.vocab_size == 600
+    big.save(tmp_path / "tok.json")
+    with pytest.raises(NanoseekError, match="model's vocab_size is 512"):
+        Trainer(tc(tmp_path, corpus_dir, tokenizer=str(tmp_path / "tok.json")))
