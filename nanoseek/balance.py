@@ -84,7 +84,10 @@ class LossFreeBalancer:
     """
 
     def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None):
-        self.layers = [m for m in model.modules() if isinstance(m, MoE)]
+        # main-model MoE layers first, then the MTP layers' (all are updated; MaxVio reports the main ones)
+        main = [m for name, m in model.named_modules() if isinstance(m, MoE) and not name.startswith("mtp.")]
+        self.layers = main + [m for m in model.modules() if isinstance(m, MoE) and m not in main]
+        self.n_main = len(main)
         self.rate, self.group = rate, group
         self.last_counts: list[torch.Tensor] = []
 
@@ -117,6 +120,9 @@ class LossFreeBalancer:
             moe.tokens_per_expert.zero_()
 
     def maxvio_batch(self) -> list[float]:
-        """Per-layer MaxVio of the last step's (global) batch; only layers that saw tokens (the MTP layers'
-        MoE runs only when MTP is trained)."""
-        return [maxvio(c) for c in self.last_counts if c.sum() > 0]
+        """Per-layer MaxVio of the last step's (global) batch, main-model layers (as the papers report it)."""
+        return [maxvio(c) for c in self.last_counts[: self.n_main] if c.sum() > 0]
+
+    def main_counts(self) -> list[torch.Tensor]:
+        """Tokens per expert of each main-model MoE layer since the last reset (e.g. over a validation pass)."""
+        return [m.tokens_per_expert.clone() for m in self.layers[: self.n_main]]

@@ -243,7 +243,7 @@ class Trainer:
             "tokens_per_s": ntok / dt,
             "maxvio_batch": float(np.mean(vio)) if vio else None,
             "maxvio_batch_layers": vio,
-            "expert_load": [c.tolist() for c in self.balancer.last_counts if c.sum() > 0] if finite else [],
+            "expert_load": [c.tolist() for c in self.balancer.last_counts[: self.balancer.n_main]] if finite else [],
             "skipped": not finite,
             "nan_skips": self.nan_skips,
         }
@@ -264,9 +264,9 @@ class Trainer:
             mtp_losses += (torch.stack(mtp).mean().item() if mtp else 0.0) * len(batch)
             n += len(batch)
         # the routed-token counts over the whole validation set give MaxVio_global
-        layers = [m for m in self.balancer.layers if m.tokens_per_expert.sum() > 0]
-        load = [m.tokens_per_expert.tolist() for m in layers]
-        vio = [maxvio(m.tokens_per_expert) for m in layers]
+        counts = self.balancer.main_counts()
+        load = [c.tolist() for c in counts]
+        vio = [maxvio(c) for c in counts]
         self.balancer.reset()
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
         self.model.train()
