@@ -134,7 +134,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = Transformer(self.cfg)
         if tc.precision == "fp8":
-            from .fp8 import convert_to_fp8
+            from .fp8_linear import convert_to_fp8
 
             convert_to_fp8(self.model, granularity=tc.fp8_granularity)
         self.model.train()
