@@ -29,9 +29,15 @@ from .rope import apply_rope, softmax_scale
 
 
 def _sdpa(q, k, v, mask, causal: bool, scale: float, gqa: bool = False) -> torch.Tensor:
-    return F.scaled_dot_product_attention(
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        # The fused CPU kernels need equal q/k and v head dims (MLA: 192 vs 128); otherwise torch falls back
+        # to the unfused math path (7x slower in fp32 here). Zero-padding v is exact: padded outputs are 0.
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
     )
+    return o[..., :dv]
 
 
 class MLA(nn.Module):
