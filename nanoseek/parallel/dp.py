@@ -1,0 +1,129 @@
+"""Data parallelism composed with expert and pipeline parallelism: gradient averaging, clipping, counts.
+
+Every (dp, ep) rank of a pipeline stage trains on its own slice of the batch; the global loss is the mean
+of the W = dp * ep local losses. Hence, after `loss.backward()`:
+  * replicated parameters (everything but the routed experts) hold d(local loss): sum over the dp x ep
+    ranks, divide by W;
+  * an expert shard already holds the sum over its EP group of every rank's contribution (the backward of
+    the all-to-all brought them home): sum over the dp ranks that hold the same experts, divide by W.
+
+This is DDP's semantics (averaged gradients, replicated weights and optimizer states), implemented with
+bucketed `all_reduce`s after backward instead of `DistributedDataParallel` or FSDP2 `fully_shard`: those
+wrap one module with one process group and hook its `forward`, while here the experts need a different
+group than the rest, the training loop calls `forward_mtp`, the pipeline runs stage modules, and plain
+tensors keep gradient clipping, the routing-bias update and checkpoints unchanged. The cost is no overlap
+of the gradient all-reduce with backward and no sharding of optimizer states (V3 uses ZeRO-1).
+
+`clip_grad_norm_` computes the norm of the *global* gradient: replicated parameters once, expert shards
+summed over the EP group, stages summed over the PP group, mirrored (tied) copies excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.moe import MoE
+from .ep import ExpertParallel
+
+BUCKET = 1 << 24  # elements per all-reduce bucket (64 MiB in fp32)
+
+
+def _unique_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]  # .parameters() already de-duplicates
+
+
+def split_params(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(replicated parameters, expert-parallel shards)."""
+    expert = {id(p) for m in module.modules() if isinstance(m, ExpertParallel) for p in m.parameters()}
+    params = _unique_params(module)
+    return [p for p in params if id(p) not in expert], [p for p in params if id(p) in expert]
+
+
+@torch.no_grad()
+def all_reduce_grads(params: Iterable[nn.Parameter], group, scale: float) -> None:
+    """grad <- scale * sum over `group` of grad, in flat buckets. Missing grads count as zeros (every rank
+    must pass the same parameters in the same order)."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    size = dist.get_world_size(group) if group is not None else 1
+    if size == 1:
+        if scale != 1.0:
+            for p in params:
+                p.grad.mul_(scale)
+        return
+    bucket: list[nn.Parameter] = []
+    n = 0
+    for i, p in enumerate(params):
+        bucket.append(p)
+        n += p.numel()
+        if n >= BUCKET or i == len(params) - 1:
+            by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+            for q in bucket:
+                by_dtype.setdefault(q.grad.dtype, []).append(q)
+            for same in by_dtype.values():
+                flat = torch.cat([q.grad.reshape(-1) for q in same])
+                dist.all_reduce(flat, group=group)
+                flat.mul_(scale)
+                for q, g in zip(same, flat.split([q.numel() for q in same])):
+                    q.grad.copy_(g.view_as(q.grad))
+            bucket, n = [], 0
+
+
+def sync_grads(module: nn.Module, data_group, expert_group, width: int) -> None:
+    """Average gradients over the data-parallel ranks (see the module docstring); `width` = dp * ep."""
+    rep, exp = split_params(module)
+    all_reduce_grads(rep, data_group, 1.0 / width)
+    all_reduce_grads(exp, expert_group, 1.0 / width)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    module: nn.Module, max_norm: float, ep_group=None, pp_group=None, exclude: Iterable[nn.Parameter] = ()
+) -> torch.Tensor:
+    """Clip to `max_norm` by the global gradient norm (as `torch.nn.utils.clip_grad_norm_` on the single-
+    process model); returns that norm. Call after `sync_grads`; collective over the EP and PP groups."""
+    skip = {id(p) for p in exclude}
+    rep, exp = split_params(module)
+    rep = [p for p in rep if p.grad is not None and id(p) not in skip]
+    exp = [p for p in exp if p.grad is not None]
+
+    device = next(iter(module.parameters())).device
+
+    def sumsq(ps):
+        if not ps:
+            return torch.zeros((), device=device)
+        return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum()
+
+    e = sumsq(exp).double()
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(e, group=ep_group)
+    total = sumsq(rep).double() + e
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, group=pp_group)
+    norm = total.sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in rep + exp:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    for p in exclude:  # mirrors get the same factor as the copy they mirror
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+@torch.no_grad()
+def reduce_counts(module: nn.Module, group) -> None:
+    """Sum every MoE layer's `tokens_per_expert` over `group` (the dp x ep ranks of this stage), so the
+    loss-free bias update sees the global batch. One all-reduce for all layers."""
+    layers = [m for m in module.modules() if isinstance(m, MoE)]
+    if not layers or group is None or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([m.tokens_per_expert for m in layers])
+    dist.all_reduce(flat, group=group)
+    for m, c in zip(layers, flat.split([m.tokens_per_expert.numel() for m in layers])):
+        m.tokens_per_expert.copy_(c)

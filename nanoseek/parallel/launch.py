@@ -1,0 +1,259 @@
+"""Launch helpers: `init_distributed()` from torchrun's environment and `ParallelPlan`, the small API the
+training loop calls (docs/parallel.md shows where).
+
+Ranks form a (pp, dp, ep) DeviceMesh, ep innermost: EP peers are consecutive ranks, so they share a node
+when ep <= ranks per node, and node-limited routing sees nodes of consecutive experts. Without
+torch.distributed (a plain `python -m nanoseek ...`), every method is the single-process no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import NanoseekError
+from . import dp as dp_mod
+from . import ep as ep_mod
+from .pipeline import SCHEDULES, Pipeline
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> bool:
+    """Initialise the default process group from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT):
+    nccl on CUDA (one GPU per LOCAL_RANK), gloo on CPU. Returns False when not launched by torchrun.
+    `timeout_s` bounds how long a collective waits for its peers (torch's default: 10 minutes)."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
+    return True
+
+
+class ParallelPlan:
+    """Process groups for pipeline x data x expert parallelism and the calls a training loop needs.
+
+    pp: pipeline stages (ranks); ep: expert-parallel ranks; dp: data-parallel replicas (default: the rest
+    of the world). pp_schedule: "1f1b" or "dualpipev"; microbatches: per step (default: the least the
+    schedule accepts). fp8_dispatch: E4M3 token dispatch; overlap: two-half comm/compute overlap in EP.
+    ranks_per_node (default LOCAL_WORLD_SIZE) and max_nodes_per_token enable node-limited routing.
+    """
+
+    def __init__(
+        self,
+        pp: int = 1,
+        ep: int = 1,
+        dp: int | None = None,
+        pp_schedule: str = "1f1b",
+        microbatches: int | None = None,
+        fp8_dispatch: bool = False,
+        overlap: bool = False,
+        ranks_per_node: int | None = None,
+        max_nodes_per_token: int | None = None,
+        mtp_weight: float = 0.3,
+    ):
+        self.distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        dp = dp or world // (pp * ep)
+        if pp * dp * ep != world:
+            raise NanoseekError(f"pp {pp} x dp {dp} x ep {ep} != world size {world}")
+        if pp_schedule.lower() not in SCHEDULES:
+            raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {pp_schedule!r}")
+        self.pp, self.dp, self.ep, self.world = pp, dp, ep, world
+        self.pp_schedule, self.microbatches = pp_schedule.lower(), microbatches
+        self.fp8_dispatch, self.overlap, self.mtp_weight = fp8_dispatch, overlap, mtp_weight
+        self.ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        self.max_nodes_per_token = max_nodes_per_token
+        self.mesh = self.pp_group = self.ep_group = self.dp_group = self.data_group = None
+        self.pp_rank, self.dp_rank, self.ep_rank = 0, 0, 0
+        self.tied_group = None
+        # where small collective tensors live: NCCL only moves CUDA tensors, gloo is used on CPU
+        nccl = self.distributed and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        if self.distributed:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+            self.pp_group, self.dp_group, self.ep_group = (self.mesh.get_group(n) for n in ("pp", "dp", "ep"))
+            self.data_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
+            self.pp_rank, self.dp_rank, self.ep_rank = (self.mesh.get_local_rank(n) for n in ("pp", "dp", "ep"))
+            if pp > 2:  # first and last stage of each (dp, ep) column, for the tied MTP embedding (1F1B)
+                ranks = self.mesh.mesh  # [pp, dp, ep] global ranks
+                for i in range(dp):
+                    for j in range(ep):
+                        g = dist.new_group([int(ranks[0, i, j]), int(ranks[pp - 1, i, j])])
+                        if self.rank in (int(ranks[0, i, j]), int(ranks[pp - 1, i, j])):
+                            self.tied_group = g
+        self.data_rank, self.data_world = self.dp_rank * ep + self.ep_rank, dp * ep
+
+    # --- set-up ----------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def counts_group(self):
+        """The group to sum MoE routing counts over (LossFreeBalancer(group=...)): this stage's dp x ep ranks."""
+        return self.data_group
+
+    @property
+    def n_nodes(self) -> int:
+        return max(1, self.ep // self.ranks_per_node)
+
+    def wrap(self, model: nn.Module, device: torch.device | None = None, use_mtp: bool = True) -> nn.Module:
+        """Apply node-limited routing, expert parallelism and pipeline stages to a built (and loaded) model,
+        identical on every rank (same seed). Returns the module to train: the model itself, or a `Pipeline`
+        when pp > 1 (then use only the returned module; `use_mtp=False` leaves the MTP layers out)."""
+        if self.max_nodes_per_token and self.ep > 1:
+            if self.ep % self.ranks_per_node and self.ranks_per_node % self.ep:
+                raise NanoseekError(f"--ranks-per-node {self.ranks_per_node} must divide ep {self.ep} (or vice versa)")
+            ep_mod.apply_node_limit(model, self.n_nodes, self.max_nodes_per_token)
+        if self.ep > 1:
+            chunks = 2 if self.overlap else 1
+            ep_mod.shard_experts(model, self.ep_group, self.ranks_per_node, self.fp8_dispatch, chunks)
+        if self.pp > 1:
+            dev = device or self.device
+            pipe = Pipeline(model, self.pp_group, self.pp_schedule, self.microbatches, self.mtp_weight, use_mtp, dev)
+            pipe.tied_group = self.tied_group
+            return pipe
+        return model
+
+    def shard_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (the same on every rank): one slice per (dp, ep) rank."""
+        if self.data_world == 1:
+            return batch
+        if batch.shape[0] % self.data_world:
+            raise NanoseekError(f"batch {batch.shape[0]} does not split over {self.data_world} data ranks")
+        return batch.chunk(self.data_world)[self.data_rank]
+
+    # --- per step --------------------------------------------------------------------------------------
+    def train_step(self, wrapped: Pipeline, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """PP only: forward + backward of this rank's batch through the pipeline; returns the local loss."""
+        return wrapped.step(tokens, targets)
+
+    def eval_step(self, wrapped: Pipeline, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """PP only: forward-only loss of a batch (evaluation), the same on every pp rank."""
+        return wrapped.eval_step(tokens, targets)
+
+    def sync_grads(self, wrapped: nn.Module) -> None:
+        """After backward, before clipping: tied embedding (PP) and data-parallel gradient averaging."""
+        if isinstance(wrapped, Pipeline):
+            wrapped.sync_tied_grads()
+        if self.distributed:
+            dp_mod.sync_grads(wrapped, self.data_group, self.dp_group, self.data_world)
+
+    def clip_grad_norm_(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
+        """Replaces torch.nn.utils.clip_grad_norm_: the norm of the global (all-rank) gradient."""
+        if not self.distributed:
+            return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+        exclude = wrapped.mirror_params() if isinstance(wrapped, Pipeline) else []
+        return dp_mod.clip_grad_norm_(wrapped, max_norm, self.ep_group, self.pp_group, exclude)
+
+    def reduce_counts(self, wrapped: nn.Module) -> None:
+        """Sum `tokens_per_expert` over this stage's dp x ep ranks (before the loss-free bias update)."""
+        if self.distributed:
+            dp_mod.reduce_counts(wrapped, self.data_group)
+
+    def mean_over_data(self, value: float | torch.Tensor) -> float:
+        """Average a logged scalar (e.g. the local loss) over the dp x ep ranks."""
+        t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).clone().to(self.device)
+        if self.distributed and self.data_world > 1:
+            dist.all_reduce(t, group=self.data_group)
+            t /= self.data_world
+        return float(t)
+
+    def all_ranks(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank. Use it for decisions that gate collectives (skip a step on a
+        NaN loss): one rank skipping backward while the others run it would hang them in the all-to-all."""
+        if not self.distributed:
+            return bool(ok)
+        t = torch.tensor([1.0 if bool(ok) else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
+
+    def comm_report(self, wrapped: nn.Module, reset: bool = True) -> dict:
+        """EP traffic since the last reset, summed over all ranks: bytes per token per MoE layer (dispatch +
+        combine, off-rank only) and the most nodes any token's experts spanned."""
+        total = ep_mod.CommStats()
+        for m in ep_mod.ep_modules(wrapped):
+            total.merge(m.stats)
+            if reset:
+                m.stats.reset()
+        return ep_mod.all_reduce_stats(total, device=self.device).report()
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def full_state_dict(self, wrapped: nn.Module) -> dict[str, torch.Tensor]:
+        """The single-process state dict (experts gathered, stages merged), on every rank. Collective.
+        Gathers whole tensors: meant for the small models this CPU-first project trains."""
+        if not self.distributed:
+            return wrapped.state_dict()
+        if isinstance(wrapped, Pipeline):
+            state = ep_mod.gather_experts(nn.ModuleList([s.model for s in wrapped.stages]), {})
+            local = wrapped.stage_state_dict()
+            local.update({k.split(".", 1)[1]: v for k, v in state.items()})  # drop the ModuleList index
+            parts: list = [None] * self.pp
+            dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=self.pp_group)
+            out: dict[str, torch.Tensor] = {}
+            for p in parts:
+                out.update(p)
+            return out
+        return ep_mod.gather_experts(wrapped)
+
+    def load_full_state_dict(self, wrapped: nn.Module, full: dict[str, torch.Tensor]) -> None:
+        """Load a single-process state dict into the wrapped (sharded / staged) model."""
+        mods = [s.model for s in wrapped.stages] if isinstance(wrapped, Pipeline) else [wrapped]
+        for m in mods:
+            own = m.state_dict()
+            m.load_state_dict({k: v for k, v in ep_mod.shard_state(m, full).items() if k in own}, strict=False)
+            if isinstance(wrapped, Pipeline):
+                for k in wrapped.mirror_keys:
+                    if k in own:
+                        own[k].copy_(full["embed_tokens.weight"])
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+# --- local multi-process runs (tests and benches) ---------------------------------------------------------
+def _local_entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    init_distributed("gloo", timeout_s=300)  # a rank stuck in a collective fails instead of waiting 10 min
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(fn, world: int, *args) -> None:
+    """Run `fn(rank, world, *args)` on `world` gloo ranks of this machine, one thread each (as torchrun would).
+    Forks where possible (about 0.1 s, against seconds per rank to re-import torch under spawn); `fn` must be
+    a module-level function. A rank's exception is re-raised here with its traceback."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    mp.start_processes(
+        _local_entry, args=(world, port, fn, args), nprocs=world, join=True, start_method="fork" if fork else "spawn"
+    )

@@ -1,0 +1,256 @@
+"""Pipeline parallelism: stages cut from one built model, run by `torch.distributed.pipelining` schedules.
+
+Stages. The main layers plus one unit for "norm + head + MTP" are split into contiguous, near-equal
+stages (`split_layers`). A stage is a *view* of the model (`stage_view`): a shallow copy whose layer
+ModuleDict keeps only its layers, with `embed_tokens` only on the first stage and `norm`/`lm_head`/`mtp`
+only on the last; parameters are shared with the model passed in (so load weights before `wrap`, then use
+only the returned module). `StageModule.forward(x, tokens)` returns hidden states, or on the last stage the
+tuple (main logits, MTP logits of depth 1..D).
+
+Schedules (torch 2.13): `Schedule1F1B` (one stage per rank, stage r on rank r) and `ScheduleDualPipeV`
+(two stages per rank in a V: rank r holds stages r and 2*pp-1-r, so the first and last stages, i.e. the
+embedding and the head, sit on rank 0; it needs >= 2*pp micro-batches). Both take the whole batch and cut
+it into micro-batches along dim 0; gradients are summed over micro-batches (`scale_grads=False`) and the
+loss of each micro-batch is divided by their number, so the gradient is that of the full-batch mean loss.
+
+MTP and the shared embedding. MTP depth k embeds t_{i+k}, so the last stage needs the embedding. The
+tokens reach it as a keyword argument that the schedule passes to every stage. The embedding is tied like
+Megatron's input/output embeddings:
+  * DualPipeV: the last stage's MTP layers point at the *same* `nn.Embedding` object as the first stage,
+    which lives on the same rank; both stages' backward passes accumulate into one `.grad`. No comm.
+  * 1F1B (pp > 1): the last rank keeps its own copy (the model was built identically on every rank) and
+    `sync_tied_grads` all-reduces (sums) its gradient with the first rank's after backward, so both copies
+    get the full gradient and stay equal after identical optimizer steps. The copy is excluded from the
+    gradient norm and from checkpoints (`mirror_keys`).
+
+Evaluation (`eval_step`) runs micro-batches through the stages one after the other with blocking send/recv:
+torch 2.13's DualPipeV schedule cannot run forward-only.
+
+Not done: the MoE balance losses (sequence-wise aux loss) are not added under PP; the V3 overlapped
+forward/backward chunk (`OVERLAP_F_B`) runs its two halves one after the other (torch's default).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NanoseekError
+from ..model import Transformer
+from ..model.moe import MoE
+
+SCHEDULES = ("1f1b", "dualpipev")
+
+
+def split_layers(n_layers: int, n_stages: int, head_units: int = 1) -> list[list[int]]:
+    """Contiguous near-equal split of `n_layers` layers plus `head_units` (norm + head + MTP) over stages."""
+    units = n_layers + head_units
+    if units < n_stages:
+        raise NanoseekError(f"pipeline: {n_layers} layers (+{head_units} head) cannot fill {n_stages} stages")
+    cuts = [round(s * units / n_stages) for s in range(n_stages + 1)]
+    return [list(range(cuts[s], min(cuts[s + 1], n_layers))) for s in range(n_stages)]
+
+
+def stage_view(model: Transformer, layers: list[int], first: bool, last: bool, use_mtp: bool) -> Transformer:
+    """The model restricted to one stage: same parameter objects, unowned parts removed."""
+    m = copy.copy(model)
+    m._modules, m._parameters, m._buffers = dict(model._modules), dict(model._parameters), dict(model._buffers)
+    m.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+    if not first:
+        m.embed_tokens = None
+    if not last:
+        m.norm, m.lm_head = None, None
+    if not (last and use_mtp):
+        m.mtp = nn.ModuleList()
+    else:
+        for layer in m.mtp:  # MTP embeds tokens: point it at the (first stage's or mirrored) embedding
+            if layer.embed_tokens is None:
+                layer.embed_tokens = model.embed_tokens
+    return m
+
+
+class StageModule(nn.Module):
+    def __init__(self, model: Transformer, index: int, n_stages: int, layers: list[int], use_mtp: bool):
+        super().__init__()
+        self.index, self.is_first, self.is_last = index, index == 0, index == n_stages - 1
+        self.model = stage_view(model, layers, self.is_first, self.is_last, use_mtp)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None):
+        """x: tokens [b, T] (first stage) or hidden [b, T, d]; tokens: the micro-batch's tokens (for MTP)."""
+        m = self.model
+        h = m.hidden(x)
+        if not self.is_last:
+            return h
+        outs = [m.logits(h)]
+        for k in range(len(m.mtp)):
+            T_k = tokens.shape[1] - (k + 1)
+            if T_k <= 0:
+                break
+            h = m.mtp_step(k, h[:, :T_k], tokens[:, k + 1 :])
+            outs.append(m.mtp_logits_from_hidden(k, h))
+        return tuple(outs)
+
+
+def lm_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, ...]:
+    """(total, main CE, mean MTP CE) with total = CE(main) + mtp_weight * mean_k CE(mtp_k), as in train.py."""
+    main, mtps = outputs[0], outputs[1:]
+    V = main.shape[-1]
+    ce = F.cross_entropy(main.float().reshape(-1, V), targets.reshape(-1))
+    if not mtps:
+        return ce, ce, ce.new_zeros(())
+    mtp = torch.stack(
+        [F.cross_entropy(o.float().reshape(-1, V), targets[:, k + 1 :].reshape(-1)) for k, o in enumerate(mtps)]
+    ).mean()
+    return ce + mtp_weight * mtp, ce, mtp
+
+
+class Pipeline(nn.Module):
+    """This rank's pipeline stages plus the schedule that runs them. `step(tokens, targets)` runs forward and
+    backward over all micro-batches and returns the loss (the same value on every pp rank)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        group: dist.ProcessGroup,
+        schedule: str = "1f1b",
+        n_microbatches: int | None = None,
+        mtp_weight: float = 0.3,
+        use_mtp: bool = True,
+        device: torch.device | None = None,
+        loss_fn: Callable | None = None,
+    ):
+        super().__init__()
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+        schedule = schedule.lower()
+        if schedule not in SCHEDULES:
+            raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        pp, r = dist.get_world_size(group), dist.get_rank(group)
+        self.group, self.pp, self.schedule_name = group, pp, schedule
+        use_mtp = use_mtp and len(model.mtp) > 0
+        # does MTP use the main embedding (rather than a separate one from a checkpoint)? Same on every rank.
+        shares = use_mtp and any(layer.embed_tokens in (None, model.embed_tokens) for layer in model.mtp)
+        n_stages = 2 * pp if schedule == "dualpipev" else pp
+        self.n_stages, self.hidden_size = n_stages, model.cfg.hidden_size
+        self.n_microbatches = n_microbatches or (n_stages if schedule == "dualpipev" else pp)
+        if schedule == "dualpipev" and self.n_microbatches < n_stages:
+            raise NanoseekError(f"DualPipeV needs >= {n_stages} micro-batches, got {self.n_microbatches}")
+        split = split_layers(model.cfg.num_hidden_layers, n_stages)
+        mine = [r, n_stages - 1 - r] if schedule == "dualpipev" else [r]
+        self.stages = nn.ModuleList([StageModule(model, s, n_stages, split[s], use_mtp) for s in sorted(mine)])
+        self.last_rank = 0 if schedule == "dualpipev" else pp - 1  # pp-group rank holding the loss
+        last = self.stages[-1]
+        # 1F1B: the first and last ranks sum their embedding gradients; the last one's copy is a "mirror"
+        self.tied = shares and pp > 1 and schedule == "1f1b"
+        self.mirror: nn.Embedding | None = model.embed_tokens if self.tied and last.is_last else None
+        # state-dict keys that repeat the embedding (the mirror, or DualPipeV's shared module)
+        self.mirror_keys = [
+            f"mtp.{k}.embed_tokens.weight"
+            for k, layer in enumerate(last.model.mtp)
+            if last.is_last and layer.embed_tokens is model.embed_tokens
+        ]
+        self.tied_group = None  # set by the plan when pp > 2 (the first and last ranks only)
+        self.mtp_weight, self.loss_fn = mtp_weight, loss_fn or lm_loss
+        self.last_parts: dict[str, float] = {}
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.device = device = device or torch.device("cpu")
+        self.pstages = [PipelineStage(s, s.index, n_stages, device, group=group) for s in self.stages]
+        pstages = self.pstages
+
+        def loss(outputs, targets):
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            total, main, mtp = self.loss_fn(outputs, targets, self.mtp_weight)
+            self._parts.append((main.detach(), mtp.detach()))
+            return total / self.n_microbatches
+
+        if schedule == "dualpipev":
+            self.schedule = ScheduleDualPipeV(pstages, self.n_microbatches, loss_fn=loss, scale_grads=False)
+        else:
+            self.schedule = Schedule1F1B(pstages[0], self.n_microbatches, loss_fn=loss, scale_grads=False)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def holds_loss(self) -> bool:
+        return dist.get_rank(self.group) == self.last_rank
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of the whole batch (gradients accumulate into .grad); returns the mean loss."""
+        if tokens.shape[0] % self.n_microbatches:
+            raise NanoseekError(f"pipeline: batch {tokens.shape[0]} is not a multiple of {self.n_microbatches}")
+        losses: list[torch.Tensor] = []
+        self._parts = []
+        args = (tokens,) if self.stages[0].is_first else ()
+        self.schedule.step(*args, target=targets, losses=losses, tokens=tokens, return_outputs=False)
+        return self._gather_loss(losses)
+
+    def _gather_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if self.holds_loss():
+            n = self.n_microbatches
+            parts = self._parts[-n:]  # the schedule's first step also calls the loss once to infer shapes
+            out[0] = float(sum(x.item() for x in losses))
+            out[1] = float(sum(p[0].item() for p in parts)) / n
+            out[2] = float(sum(p[1].item() for p in parts)) / n
+        dist.broadcast(out, src=dist.get_global_rank(self.group, self.last_rank), group=self.group)
+        self.last_parts = {"loss": out[1].item(), "mtp_loss": out[2].item()}
+        return out[0].float()
+
+    @torch.no_grad()
+    def eval_step(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward only: the mean loss of the batch, on every pp rank. Micro-batches go through the stages
+        one after the other with blocking send/recv (torch 2.13's DualPipeV cannot run forward-only)."""
+        n_stages, pp, me = self.n_stages, self.pp, dist.get_rank(self.group)
+        owner = [min(s, 2 * pp - 1 - s) if self.schedule_name == "dualpipev" else s for s in range(n_stages)]
+        mine = {s.index: s for s in self.stages}
+        losses: list[torch.Tensor] = []
+        self._parts = []
+        for tok, tgt in zip(tokens.chunk(self.n_microbatches), targets.chunk(self.n_microbatches)):
+            h = None
+            for s in range(n_stages):
+                if owner[s] != me:
+                    continue
+                if s > 0 and owner[s - 1] != me:  # hidden states travel in fp32 (exact for bf16 too)
+                    h = torch.empty(*tok.shape, self.hidden_size, device=self.device)
+                    dist.recv(h, dist.get_global_rank(self.group, owner[s - 1]), group=self.group)
+                out = mine[s](tok if s == 0 else h, tokens=tok)
+                if s == n_stages - 1:
+                    total, main, mtp = self.loss_fn(out, tgt, self.mtp_weight)
+                    self._parts.append((main, mtp))
+                    losses.append(total / self.n_microbatches)
+                else:
+                    h = out
+                    if owner[s + 1] != me:
+                        dst = dist.get_global_rank(self.group, owner[s + 1])
+                        dist.send(h.float().contiguous(), dst, group=self.group)
+        return self._gather_loss(losses)
+
+    def sync_tied_grads(self) -> None:
+        """1F1B with pp > 1: sum the embedding gradient of the first stage and the last stage's copy."""
+        if not self.tied:
+            return
+        r = dist.get_rank(self.group)
+        if r not in (0, self.pp - 1):
+            return
+        emb = self.stages[0].model.embed_tokens if r == 0 else self.mirror
+        g = emb.weight.grad if emb.weight.grad is not None else torch.zeros_like(emb.weight)
+        dist.all_reduce(g, group=self.tied_group or self.group)
+        emb.weight.grad = g
+
+    def mirror_params(self) -> list[nn.Parameter]:
+        """Parameters that duplicate another rank's (count them once in norms and checkpoints)."""
+        return list(self.mirror.parameters()) if self.mirror is not None else []
+
+    def stage_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters and buffers under the single-process names (mirrors left out)."""
+        out: dict[str, torch.Tensor] = {}
+        for s in self.stages:
+            out.update(s.model.state_dict())
+        for k in self.mirror_keys:
+            out.pop(k, None)
+        return out
