@@ -85,7 +85,9 @@ class LossFreeBalancer:
 
     def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None):
         # main-model MoE layers first, then the MTP layers' (all are updated; MaxVio reports the main ones)
-        main = [m for name, m in model.named_modules() if isinstance(m, MoE) and not name.startswith("mtp.")]
+        main = [
+            m for n, m in model.named_modules() if isinstance(m, MoE) and not (n.startswith("mtp.") or ".mtp." in n)
+        ]
         self.layers = main + [m for m in model.modules() if isinstance(m, MoE) and m not in main]
         self.n_main = len(main)
         self.rate, self.group = rate, group

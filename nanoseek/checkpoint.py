@@ -26,11 +26,12 @@ FORMAT = "nanoseek"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_model(model: Transformer, directory: str | Path) -> None:
-    """Write config.json + model.safetensors into `directory` (callers make it atomic with `atomic_dir`)."""
+def save_model(model: Transformer, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Write config.json + model.safetensors into `directory` (callers make it atomic with `atomic_dir`).
+    `state_dict` replaces the model's own (e.g. the gathered full state of an expert-parallel model)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     save_file(sd, str(directory / "model.safetensors"), metadata={"format": FORMAT})
     (directory / "config.json").write_text(json.dumps({"format": FORMAT, **model.cfg.to_dict()}, indent=2) + "\n")
 
@@ -46,6 +47,15 @@ def read_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(d, str(f))
 
 
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in a native model directory."""
+    f = Path(directory) / "model.safetensors"
+    if not f.exists():
+        raise NanoseekError(f"{directory}: no model.safetensors")
+    with safe_open(f, "pt") as h:
+        return {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+
+
 def load_native(
     directory: str | Path, dtype: torch.dtype = torch.float32, attn_impl: str | None = None, device: str = "cpu"
 ) -> Transformer:
@@ -54,10 +64,7 @@ def load_native(
     if attn_impl:
         cfg = cfg.replace(attn_impl=attn_impl)
     weights = directory / "model.safetensors"
-    if not weights.exists():
-        raise NanoseekError(f"{directory}: no model.safetensors")
-    with safe_open(weights, "pt", device=device) as h:
-        sd = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+    sd = {k: v.to(device) for k, v in read_weights(directory).items()}
     with torch.device("meta"):
         model = Transformer(cfg)
     for k, layer in enumerate(model.mtp):  # MTP layers that keep their own embedding/head copies

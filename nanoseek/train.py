@@ -34,6 +34,7 @@ from .config import ModelConfig, get_preset
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
 from .errors import NanoseekError
 from .model import Transformer
+from .parallel.launch import ParallelPlan, init_distributed
 from .tokenizer import Tokenizer, check_vocab_fits, get_tokenizer
 from .train_config import TrainConfig, add_arguments, from_args, run_dir_of, validate
 
@@ -112,7 +113,7 @@ class Trainer:
         if tc.resume is not None:
             self.out = run_dir_of(tc.resume, tc)
             found = ckpt.list_checkpoints(self.out)
-            if tc.resume not in ("latest",) and Path(tc.resume).parent.name == "checkpoints":
+            if tc.resume != "latest" and Path(tc.resume).parent.name == "checkpoints":
                 found = [p for p in found if p == Path(tc.resume)]
             if not found:
                 raise NanoseekError(f"--resume: no checkpoint found in {self.out}")
@@ -130,23 +131,40 @@ class Trainer:
             self.tok = get_tokenizer(self.corpus, self.cfg.vocab_size)
             check_vocab_fits(self.tok, self.cfg.vocab_size, self.tok.source)
 
+        # parallelism: a no-op plan without torchrun; under torchrun the same seed builds identical replicas,
+        # which `plan.wrap` shards (experts over EP ranks, layers over PP stages; DP takes the other ranks)
+        init_distributed()
+        self.plan = ParallelPlan(
+            pp=tc.pp, ep=tc.ep, pp_schedule=tc.pp_schedule, microbatches=tc.pp_microbatches,
+            fp8_dispatch=tc.fp8_dispatch, overlap=tc.ep_overlap, ranks_per_node=tc.ranks_per_node,
+            max_nodes_per_token=tc.max_nodes_per_token, mtp_weight=tc.mtp_weight,
+        )  # fmt: skip
+        self.is_main = self.plan.is_main
+
         # model, optimizer, schedule, balancing
         torch.manual_seed(tc.seed)
-        self.model = Transformer(self.cfg)
-        if tc.precision == "fp8":
+        core = Transformer(self.cfg)
+        self.use_mtp = bool(len(core.mtp)) and (tc.mtp_weight > 0 or tc.mtp_weight_late > 0)
+        if self.resume_from is not None:
+            self._check_config(self.resume_from)
+            core.load_state_dict(ckpt.read_weights(self.resume_from), strict=True)
+        self.core = core  # the full single-process model (config, checkpoint layout)
+        self.model = self.plan.wrap(core, use_mtp=self.use_mtp)
+        if tc.precision == "fp8":  # after wrapping: expert-parallel modules get the FP8 expert GEMMs too
             from .fp8_linear import convert_to_fp8
 
             convert_to_fp8(self.model, granularity=tc.fp8_granularity)
         self.model.train()
-        self.use_mtp = bool(len(self.model.mtp)) and (tc.mtp_weight > 0 or tc.mtp_weight_late > 0)
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
-        self.seq_alpha = (
-            tc.seq_aux_alpha if tc.seq_aux_alpha is not None else (1e-4 if tc.balance == "loss-free" else 0.0)
-        )
+        default_seq = 1e-4 if tc.balance == "loss-free" else 0.0
+        self.seq_alpha = tc.seq_aux_alpha if tc.seq_aux_alpha is not None else default_seq
         self.batch_alpha = tc.aux_alpha if tc.balance == "aux" else 0.0
+        if self.plan.pp > 1:  # the balance losses need a stage's router outputs next to the loss
+            self.seq_alpha = self.batch_alpha = 0.0
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
-        self.balancer = LossFreeBalancer(self.model, tc.bias_update_rate if tc.balance == "loss-free" else 0.0)
+        rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
+        self.balancer = LossFreeBalancer(self.model, rate, group=self.plan.counts_group)
         self.balancer.attach(self.optimizer)
         self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
 
@@ -158,8 +176,8 @@ class Trainer:
         self.elapsed = 0.0
         self.last_eval: dict = {}
         if self.resume_from is not None:
-            self._load(self.resume_from)
-        else:
+            self._load_state(self.resume_from)
+        elif self.is_main:
             self._init_out_dir()
 
     # --- bookkeeping -----------------------------------------------------------------------------------------
@@ -171,47 +189,60 @@ class Trainer:
         (self.out / "metrics.jsonl").write_text("")
 
     def _log(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def autocast(self):
         if self.tc.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.plan.device.type, dtype=torch.bfloat16)
 
     def mtp_weight(self) -> float:
         late = self.tc.mtp_weight_drop_step is not None and self.step >= self.tc.mtp_weight_drop_step
         return self.tc.mtp_weight_late if late else self.tc.mtp_weight
 
     # --- one optimizer step ----------------------------------------------------------------------------------
+    def _micro_batch(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, float, float, float]:
+        """Forward + backward of one micro-batch: (total loss, main CE, mean MTP CE, balance loss)."""
+        if self.plan.pp > 1:  # the pipeline schedule runs forward and backward over its own micro-batches
+            self.model.mtp_weight = lam
+            with self.autocast():
+                total = self.plan.train_step(self.model, x, y)
+            return total, self.model.last_parts["loss"], self.model.last_parts["mtp_loss"], 0.0
+        with self.autocast():
+            loss, mtp = self.forward(self.model, x, y, self.use_mtp)
+            total = loss + lam * torch.stack(mtp).mean() if mtp else loss
+            aux = router_losses(self.model, self.seq_alpha, self.batch_alpha)
+            if aux is not None:
+                total = total + aux
+        # backward even when the loss is NaN: expert-parallel peers wait for this rank in the all-to-alls
+        (total / self.tc.grad_accum).backward()
+        mtp_mean = torch.stack(mtp).mean().item() if mtp else 0.0
+        return total.detach(), loss.item(), mtp_mean, aux.item() if aux is not None else 0.0
+
     def train_step(self) -> dict:
-        tc = self.tc
+        tc, plan = self.tc, self.plan
         t0 = time.perf_counter()
         lam = self.mtp_weight()
         sums = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         finite = True
         for _ in range(tc.grad_accum):
-            batch = self.stream.next_batch(tc.batch_size)
-            x, y = batch[:, :-1], batch[:, 1:]
-            with self.autocast():
-                loss, mtp = self.forward(self.model, x, y, self.use_mtp)
-                total = loss
-                if mtp:
-                    total = total + lam * torch.stack(mtp).mean()
-                aux = router_losses(self.model, self.seq_alpha, self.batch_alpha)
-                if aux is not None:
-                    total = total + aux
-            if not torch.isfinite(total):
-                finite = False
-                break
-            (total / tc.grad_accum).backward()
-            sums["loss"] += loss.item() / tc.grad_accum
-            sums["mtp_loss"] += (torch.stack(mtp).mean().item() if mtp else 0.0) / tc.grad_accum
-            sums["aux_loss"] += (aux.item() if aux is not None else 0.0) / tc.grad_accum
-        grad_norm = float("nan")
-        if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-            finite = math.isfinite(grad_norm)
+            # every rank draws the same global batch and keeps its data-parallel slice
+            batch = plan.shard_batch(self.stream.next_batch(tc.batch_size * plan.data_world))
+            total, *parts = self._micro_batch(batch[:, :-1], batch[:, 1:], lam)
+            finite = finite and bool(torch.isfinite(total))
+            for k, v in zip(sums, parts):
+                sums[k] += v / tc.grad_accum
+        if plan.pp > 1 and tc.grad_accum > 1:  # the pipeline averages within a call, not across calls
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad /= tc.grad_accum
+        plan.sync_grads(self.model)
+        grad_norm = float(plan.clip_grad_norm_(self.model, tc.grad_clip))
+        finite = plan.all_ranks(finite and math.isfinite(grad_norm))  # the same decision on every rank
+        if plan.distributed:
+            sums = {k: plan.mean_over_data(v) for k, v in sums.items()}
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.optimizer.step()  # the loss-free balancer runs from this step's post-hook
@@ -228,7 +259,7 @@ class Trainer:
                 )
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        ntok = tc.grad_accum * tc.batch_size * tc.seq_len
+        ntok = tc.grad_accum * tc.batch_size * plan.data_world * tc.seq_len
         self.tokens_seen += ntok
         dt = time.perf_counter() - t0
         self.elapsed += dt
@@ -256,12 +287,17 @@ class Trainer:
         self.model.eval()
         capture_router(self.model, False)
         losses, mtp_losses, n = 0.0, 0.0, 0
-        for batch in self.val:
+        for batch in self.val:  # every rank evaluates the same batches (EP peers must run the same forwards)
             x, y = batch[:, :-1], batch[:, 1:]
             with self.autocast():
-                loss, mtp = lm_losses(self.model, x, y, self.use_mtp)
-            losses += loss.item() * len(batch)
-            mtp_losses += (torch.stack(mtp).mean().item() if mtp else 0.0) * len(batch)
+                if self.plan.pp > 1:  # the pipeline reports the main and MTP parts of its loss
+                    self.plan.eval_step(self.model, x, y)
+                    loss, mtp_mean = self.model.last_parts["loss"], self.model.last_parts["mtp_loss"]
+                else:
+                    loss, mtp = lm_losses(self.model, x, y, self.use_mtp)
+                    mtp_mean = torch.stack(mtp).mean().item() if mtp else 0.0
+            losses += float(loss) * len(batch)
+            mtp_losses += mtp_mean * len(batch)
             n += len(batch)
         # the routed-token counts over the whole validation set give MaxVio_global
         counts = self.balancer.main_counts()
@@ -285,10 +321,17 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def save(self) -> Path:
+        """Write a checkpoint atomically. Under torchrun the model is gathered to the single-process layout
+        and each rank's optimizer state (its expert shards / stage) is collected; rank 0 writes."""
         target = self.out / "checkpoints" / f"step_{self.step:07d}"
+        weights = self.plan.full_state_dict(self.model)  # collective under torchrun
+        optim = self._gather_objects(self.optimizer.state_dict())
+        if not self.is_main:
+            return target
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "world": self.plan.world,
+            "optimizer": optim,  # one entry per rank
             "scheduler": self.scheduler.state_dict(),
             "data": self.stream.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
@@ -298,25 +341,37 @@ class Trainer:
             "elapsed": self.elapsed,
         }
         with atomic_dir(target) as tmp:
-            ckpt.save_model(self.model, tmp)
+            ckpt.save_model(self.core, tmp, state_dict=weights)
             self.tok.save(tmp / "tokenizer.json")
             torch.save(state, tmp / "trainer_state.pt")
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def _load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
+    def _gather_objects(self, obj) -> list:
+        if not self.plan.distributed:
+            return [obj]
+        import torch.distributed as dist
 
+        out = [None] * self.plan.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def _check_config(self, directory: Path) -> None:
         saved = ckpt.read_config(directory)
         if saved.to_dict() | {"name": ""} != self.cfg.to_dict() | {"name": ""}:
             raise NanoseekError(f"--resume: the model settings differ from the checkpoint {directory}")
-        self.model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+
+    def _load_state(self, directory: Path) -> None:
         try:
             state = torch.load(directory / "trainer_state.pt", weights_only=False)
         except (OSError, RuntimeError) as e:
             raise NanoseekError(f"--resume: cannot read {directory / 'trainer_state.pt'}: {e}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["world"] != self.plan.world:
+            raise NanoseekError(
+                f"--resume: {directory} was written by {state['world']} ranks, this run has {self.plan.world}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"][self.plan.rank])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -325,21 +380,19 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen, self.nan_skips = state["tokens_seen"], state["nan_skips"]
         self.consecutive_nan, self.elapsed = state["consecutive_nan"], state["elapsed"]
-        # drop metrics logged after this checkpoint (by a run that died before its next save)
-        mfile = self.out / "metrics.jsonl"
-        keep = (
-            [ln for ln in mfile.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            if mfile.exists()
-            else []
-        )
-        atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
-        atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
+        if self.is_main:
+            # drop metrics logged after this checkpoint (by a run that died before its next save)
+            mfile = self.out / "metrics.jsonl"
+            lines = mfile.read_text().splitlines() if mfile.exists() else []
+            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
+            atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
+            atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
 
     # --- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         tc = self.tc
         bar = None
-        if tc.progress:
+        if tc.progress and self.is_main:
             from tqdm import tqdm
 
             bar = tqdm(
@@ -368,12 +421,12 @@ class Trainer:
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
                 self.evaluate()
             if self.step % tc.save_every == 0 or self.step == tc.steps:
-                self.save()
+                self.last_checkpoint = self.save()
                 last_saved = self.step
         if bar is not None:
             bar.close()
         if last_saved != self.step:
-            self.save()
+            self.last_checkpoint = self.save()
         if not self.last_eval or self.last_eval["step"] != self.step:
             self.evaluate()
         summary = {
@@ -386,9 +439,9 @@ class Trainer:
             "val_mtp_loss": self.last_eval.get("val_mtp_loss"),
             "maxvio_global": self.last_eval.get("maxvio_global"),
             "nan_skips": self.nan_skips,
-            "checkpoint": str(ckpt.list_checkpoints(self.out)[-1]),
+            "checkpoint": str(self.last_checkpoint),
         }
-        if tc.plot:
+        if tc.plot and self.is_main:
             from .plot import plot_run
 
             plot_run(self.out)
@@ -397,12 +450,17 @@ class Trainer:
 
 def train(tc: TrainConfig) -> dict:
     """Train as configured; returns the run summary (also usable from Python and the benches)."""
-    return Trainer(tc).fit()
+    trainer = Trainer(tc)
+    summary = trainer.fit()
+    summary["is_main"] = trainer.is_main
+    return summary
 
 
 def _cli(args) -> None:
     tc = from_args(args)
     s = train(tc)
+    if not s["is_main"]:
+        return
     val = f"{s['val_loss']:.4f}" if s["val_loss"] is not None else "n/a"
     vio = f"{s['maxvio_global']:.3f}" if s["maxvio_global"] is not None else "n/a"
     print(

@@ -75,9 +75,15 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model (eager stays the reference)")
     plot: bool = _f(False, "render PNG plots into --out at the end")
     progress: bool = _f(True, "show a progress bar")
-    # parallelism (torchrun)
+    # parallelism (launch with torchrun; data parallelism takes the remaining ranks)
     ep: int = _f(1, "expert-parallel ranks")
     pp: int = _f(1, "pipeline-parallel ranks")
+    pp_schedule: str = _f("1f1b", "pipeline schedule: 1f1b | dualpipev", choices=["1f1b", "dualpipev"])
+    pp_microbatches: int | None = _f(None, "pipeline micro-batches per step (default: the least the schedule takes)")
+    fp8_dispatch: bool = _f(False, "quantise expert-parallel token dispatch to FP8 (combine stays high precision)")
+    ep_overlap: bool = _f(False, "overlap one half-batch's all-to-all with the other half's expert compute")
+    ranks_per_node: int | None = _f(None, "ranks per node for node-limited routing (default: LOCAL_WORLD_SIZE)")
+    max_nodes_per_token: int | None = _f(None, "node-limited routing: each token's experts span at most M nodes")
 
     def resolved_out(self) -> Path:
         return Path(self.out or f"runs/{self.preset}")

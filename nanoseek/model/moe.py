@@ -166,6 +166,7 @@ class MoE(nn.Module):
         )
         # tokens routed to each expert since the last reset (read and zeroed by the loss-free balancer)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.count_tokens = True  # False for forwards that are not real work (e.g. pipeline shape inference)
         self.capture_router = False  # when True, keep (scores, idx, (B, T)) for the auxiliary losses
         self.router_record: tuple[torch.Tensor, torch.Tensor, tuple[int, ...]] | None = None
 
@@ -173,8 +174,9 @@ class MoE(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(xf)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)
+        if self.count_tokens:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)
         if self.capture_router:
             self.router_record = (scores, idx, tuple(shape[:-1]))
         y = self.experts(xf, idx, weights)

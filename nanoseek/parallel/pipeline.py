@@ -172,6 +172,23 @@ class Pipeline(nn.Module):
             self.schedule = ScheduleDualPipeV(pstages, self.n_microbatches, loss_fn=loss, scale_grads=False)
         else:
             self.schedule = Schedule1F1B(pstages[0], self.n_microbatches, loss_fn=loss, scale_grads=False)
+        # The schedule's first step runs an extra forward to infer shapes (on micro-batch 0, and on empty
+        # tensors for later stages). It must not count as routed tokens, or the first loss-free bias update
+        # would differ from the single-process one.
+        name = "_initialize_stages" if hasattr(self.schedule, "_initialize_stages") else "_initialize_stage"
+        init = getattr(self.schedule, name)
+
+        def init_without_counting(*a, **k):
+            moes = self.moe_layers()
+            for m in moes:
+                m.count_tokens = False
+            try:
+                return init(*a, **k)
+            finally:
+                for m in moes:
+                    m.count_tokens = True
+
+        setattr(self.schedule, name, init_without_counting)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
@@ -189,10 +206,10 @@ class Pipeline(nn.Module):
         self.schedule.step(*args, target=targets, losses=losses, tokens=tokens, return_outputs=False)
         return self._gather_loss(losses)
 
-    def _gather_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def _gather_loss(self, losses: list[torch.Tensor], n: int | None = None) -> torch.Tensor:
         out = torch.zeros(3, dtype=torch.float64, device=self.device)
         if self.holds_loss():
-            n = self.n_microbatches
+            n = n or self.n_microbatches
             parts = self._parts[-n:]  # the schedule's first step also calls the loss once to infer shapes
             out[0] = float(sum(x.item() for x in losses))
             out[1] = float(sum(p[0].item() for p in parts)) / n
@@ -210,7 +227,9 @@ class Pipeline(nn.Module):
         mine = {s.index: s for s in self.stages}
         losses: list[torch.Tensor] = []
         self._parts = []
-        for tok, tgt in zip(tokens.chunk(self.n_microbatches), targets.chunk(self.n_microbatches)):
+        # a short last validation batch may give fewer chunks than micro-batches
+        chunks = list(zip(tokens.chunk(self.n_microbatches), targets.chunk(self.n_microbatches)))
+        for tok, tgt in chunks:
             h = None
             for s in range(n_stages):
                 if owner[s] != me:
@@ -222,13 +241,13 @@ class Pipeline(nn.Module):
                 if s == n_stages - 1:
                     total, main, mtp = self.loss_fn(out, tgt, self.mtp_weight)
                     self._parts.append((main, mtp))
-                    losses.append(total / self.n_microbatches)
+                    losses.append(total / len(chunks))
                 else:
                     h = out
                     if owner[s + 1] != me:
                         dst = dist.get_global_rank(self.group, owner[s + 1])
                         dist.send(h.float().contiguous(), dst, group=self.group)
-        return self._gather_loss(losses)
+        return self._gather_loss(losses, len(chunks))
 
     def sync_tied_grads(self) -> None:
         """1F1B with pp > 1: sum the embedding gradient of the first stage and the last stage's copy."""
