@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .atomic import atomic_dir, atomic_write_text
@@ -34,6 +33,7 @@ from .config import ModelConfig, get_preset
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
 from .errors import NanoseekError
 from .model import Transformer
+from .model.transformer import lm_cross_entropy
 from .parallel.launch import ParallelPlan, init_distributed
 from .tokenizer import Tokenizer, check_vocab_fits, get_tokenizer
 from .train_config import TrainConfig, add_arguments, from_args, run_dir_of, validate
@@ -92,14 +92,8 @@ def lr_lambda(tc: TrainConfig):
 # --- losses --------------------------------------------------------------------------------------------------
 def lm_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, use_mtp: bool):
     """(main next-token CE, [CE of each MTP depth]). MTP depth k at position i predicts t_{i+k+1} = y[:, i+k]."""
-    if use_mtp:
-        main, mtps = model.forward_mtp(x)
-    else:
-        main, mtps = model(x), []
-    vocab = main.shape[-1]
-    loss = F.cross_entropy(main.float().reshape(-1, vocab), y.reshape(-1))
-    mtp = [F.cross_entropy(m.float().reshape(-1, vocab), y[:, k + 1 :].reshape(-1)) for k, m in enumerate(mtps)]
-    return loss, mtp
+    main, mtps = model.forward_mtp(x) if use_mtp else (model(x), [])
+    return lm_cross_entropy(main, mtps, y)
 
 
 class Trainer:

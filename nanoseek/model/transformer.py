@@ -18,6 +18,7 @@ This file is single-device: it never calls a collective. Parallelism is applied 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -27,6 +28,16 @@ from .cache import LayerCache
 from .layers import MLP, Linear, RMSNorm
 from .moe import Experts, Gate, MoE
 from .rope import Rotary
+
+
+def lm_cross_entropy(
+    main: torch.Tensor, mtps: list[torch.Tensor], targets: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(next-token CE of the main logits [B, T, V], [CE of each MTP depth]) in fp32; targets [B, T] are the next
+    tokens, and depth k's logits at position i predict t_{i+k+1} = targets[:, i+k], i.e. targets[:, k:]."""
+    V = main.shape[-1]
+    ce = F.cross_entropy(main.float().reshape(-1, V), targets.reshape(-1))
+    return ce, [F.cross_entropy(m.float().reshape(-1, V), targets[:, k + 1 :].reshape(-1)) for k, m in enumerate(mtps)]
 
 
 class Block(nn.Module):
@@ -212,7 +223,10 @@ class Transformer(nn.Module):
         """
         self.require_mtp()
         h = self.hidden(tokens)
-        main = self.logits(h)
+        return self.logits(h), self.mtp_logits(h, tokens)
+
+    def mtp_logits(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Every MTP depth's logits from the main hidden states h [B, T, d] of `tokens` [B, T]."""
         outs = []
         for k in range(len(self.mtp)):
             T_k = tokens.shape[1] - (k + 1)
@@ -220,4 +234,4 @@ class Transformer(nn.Module):
                 break
             h = self.mtp_step(k, h[:, :T_k], tokens[:, k + 1 :])
             outs.append(self.mtp_logits_from_hidden(k, h))
-        return main, outs
+        return outs

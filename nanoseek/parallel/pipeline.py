@@ -37,12 +37,12 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NanoseekError
 from ..model import Transformer
 from ..model.moe import MoE
+from ..model.transformer import lm_cross_entropy
 
 SCHEDULES = ("1f1b", "dualpipev")
 
@@ -86,26 +86,15 @@ class StageModule(nn.Module):
         h = m.hidden(x)
         if not self.is_last:
             return h
-        outs = [m.logits(h)]
-        for k in range(len(m.mtp)):
-            T_k = tokens.shape[1] - (k + 1)
-            if T_k <= 0:
-                break
-            h = m.mtp_step(k, h[:, :T_k], tokens[:, k + 1 :])
-            outs.append(m.mtp_logits_from_hidden(k, h))
-        return tuple(outs)
+        return (m.logits(h), *m.mtp_logits(h, tokens))
 
 
 def lm_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, ...]:
     """(total, main CE, mean MTP CE) with total = CE(main) + mtp_weight * mean_k CE(mtp_k), as in train.py."""
-    main, mtps = outputs[0], outputs[1:]
-    V = main.shape[-1]
-    ce = F.cross_entropy(main.float().reshape(-1, V), targets.reshape(-1))
+    ce, mtps = lm_cross_entropy(outputs[0], list(outputs[1:]), targets)
     if not mtps:
         return ce, ce, ce.new_zeros(())
-    mtp = torch.stack(
-        [F.cross_entropy(o.float().reshape(-1, V), targets[:, k + 1 :].reshape(-1)) for k, o in enumerate(mtps)]
-    ).mean()
+    mtp = torch.stack(mtps).mean()
     return ce + mtp_weight * mtp, ce, mtp
 
 
