@@ -1,0 +1,121 @@
+"""`nanoseek generate`: text generation from a nanoseek run/checkpoint directory or an HF-format directory.
+
+    nanoseek generate --model runs/tiny --prompt "def main(" --max-new-tokens 64
+    nanoseek generate --model runs/tiny --prompt "import os" --speculative mtp --draft-tokens 2 --json
+    nanoseek generate --model runs/tiny --chat
+
+Text streams to stdout as it is generated (a summary line goes to stderr); `--json` prints one JSON object
+instead, last. `--chat` reads prompts from stdin, one per line, and keeps the conversation: each turn's
+prompt is the whole conversation so far (plain concatenation, no chat template; the oldest tokens are
+dropped when it would not fit the context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .errors import NanoseekError
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (latent KV cache, sampling, MTP speculative decoding)")
+    p.add_argument("--model", required=True, help="run dir, checkpoint dir or HF-format dir (FP8 included)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (required when the model dir has none)")
+    p.add_argument("--prompt", help="prompt text ('-' reads it from stdin)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g = p.add_argument_group("engine")
+    g.add_argument("--speculative", choices=["mtp", "none"], default="none", help="draft with the MTP module(s)")
+    g.add_argument("--draft-tokens", type=int, default=1, help="tokens drafted per step (> D chains the last)")
+    g.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="absorb = latent KV cache")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    p.add_argument("--chat", action="store_true", help="interactive: read prompts from stdin, keep the conversation")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from .engine import Engine
+    from .sampling import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.chat and args.prompt is None:
+        raise NanoseekError("give --prompt TEXT (or --chat)")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    engine = Engine.load(args.model, args.tokenizer, dtype=args.dtype, attn_impl=args.attn_impl, compile=args.compile)
+    if engine.tokenizer is None:
+        raise NanoseekError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH")
+    from .tokenizer import check_vocab_fits
+
+    check_vocab_fits(engine.tokenizer, engine.model.cfg.vocab_size, engine.tokenizer.source)
+    k = args.draft_tokens if args.speculative == "mtp" else 0
+    if args.speculative == "mtp":
+        if args.draft_tokens < 1:
+            raise NanoseekError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+        engine.model.require_mtp()
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop, speculative=k)
+    kw["ignore_eos"] = args.ignore_eos
+
+    def stream(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if not args.chat:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        res = engine.generate(prompt, on_text=None if args.json else stream, **kw)
+        _report(res, args, engine)
+        return
+
+    history: list[int] = []
+    room = engine.max_len - args.max_new_tokens
+    if room < 1:
+        raise NanoseekError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt")
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        history += engine.tokenizer.encode(line if line.endswith("\n") else line + "\n")
+        history = history[-room:]
+        res = engine.generate(history, on_text=None if args.json else stream, **kw)
+        history += [t for t in res.tokens[0] if t != engine.tokenizer.eos_id]
+        _report(res, args, engine)
+
+
+def _report(res, args, engine) -> None:
+    d = res.to_dict()
+    d.update(
+        model=str(args.model),
+        dtype=args.dtype,
+        attn_impl=args.attn_impl,
+        speculative=args.speculative,
+        compile=args.compile,
+    )
+    if args.json:
+        print(json.dumps(d), flush=True)
+        return
+    print(flush=True)
+    spec = ""
+    if res.acceptance_rate is not None:
+        per = ", ".join(f"{a:.2f}" for a in res.acceptance_per_position)
+        spec = f", acceptance {res.acceptance_rate:.2f} [{per}], {res.tokens_per_forward:.2f} tokens/forward"
+    print(
+        f"[{res.new_tokens} tokens ({res.finish_reasons[0]}), {res.tokens_per_s:.1f} tok/s, "
+        f"prefill {res.prefill_s * 1e3:.1f} ms{spec}, KV cache {res.kv_cache_bytes_per_token} B/token]",
+        file=sys.stderr,
+        flush=True,
+    )

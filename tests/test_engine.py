@@ -1,0 +1,369 @@
+"""Inference engine: cached decoding, padded batches, sampling, stop strings, streaming, MTP speculative
+decoding (greedy equality, cache consistency after rejections, distribution preservation), and the CLI.
+
+Run: python -m pytest -q tests/test_engine.py   (random micro models; a few seconds plus one subprocess)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import NanoseekError, get_preset
+from nanoseek.checkpoint import save_model
+from nanoseek.engine import Engine, RowOutput
+from nanoseek.model import Transformer
+from nanoseek.sampling import SamplingParams, TextStream, draw, probs
+from nanoseek.speculative import accept_drafts, speculative_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (
+    "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n"
+    "        self.x = x\n        self.y = y\n\n    def __repr__(self):\n        return f'Point({self.x}, {self.y})'\n"
+    "import os\nimport sys\nfor i in range(10):\n    print(i, os.path.join('a', str(i)))\n"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # micro models gain nothing from a second thread, and on a shared machine it can stall them
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro(**kw):
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=24,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_group=4,
+        topk_group=2,
+        init_std=0.05,
+        num_nextn_predict_layers=2,
+        max_position_embeddings=256,
+    )
+    return get_preset("tiny", **{**base, **kw})
+
+
+def engine(dtype="fp32", attn_impl="absorb", tokenizer=None, **kw):
+    torch.manual_seed(0)
+    m = Transformer(micro(**kw))
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return Engine(m, tokenizer, dtype=dtype, attn_impl=attn_impl)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from nanoseek.tokenizer import train_tokenizer
+
+    return train_tokenizer([TEXT] * 4, vocab_size=300)
+
+
+def prompt(n, seed=1):
+    return torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- cached decoding -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+def test_cached_decode_logits_equal_full_forward(attn_impl):
+    e = engine(attn_impl=attn_impl)
+    rows = [prompt(30, 1), prompt(22, 2)]  # different lengths: left padding, key_valid, per-row positions
+    with torch.inference_mode():
+        tokens, st = e.start([r[:12] for r in rows[:1]] + [rows[1][:6]], capacity=40)
+        _, first = e.forward(tokens, st)
+        steps = [first[:, -1]]
+        for t in range(18):
+            nxt = torch.tensor([rows[0][12 + t], rows[1][6 + t] if 6 + t < len(rows[1]) else 0])
+            steps.append(e.decode(nxt, st))
+        got = torch.stack(steps, 1)  # [2, 19, V]: logits after prefix lengths 12.. / 6..
+        for i, (r, p0) in enumerate(zip(rows, (12, 6), strict=True)):
+            n = min(19, len(r) - p0 + 1)
+            full = e.model(torch.tensor([r[: p0 + n - 1]]))[0, p0 - 1 :]
+            assert (got[i, :n] - full).abs().max() < 1e-4
+    assert st.key_valid is not None  # the padded path was exercised
+
+
+def test_batch_of_mixed_lengths_equals_each_prompt_alone():
+    e = engine()
+    ps = [prompt(17, 3), prompt(5, 4), prompt(11, 5), prompt(1, 6)]
+    batch = e.generate(ps, max_new_tokens=12)
+    for p, toks in zip(ps, batch.tokens, strict=True):
+        assert e.generate(p, max_new_tokens=12).tokens[0] == toks
+    assert all(len(t) == 12 for t in batch.tokens) and batch.finish_reasons == ["length"] * 4
+
+
+def test_exceeding_max_length_is_a_clear_error():
+    e = engine()
+    e.max_len = 20
+    with pytest.raises(NanoseekError, match="exceeds the maximum length 20"):
+        e.generate(prompt(15), max_new_tokens=6)
+    with pytest.raises(NanoseekError, match="exceeds the maximum length 20"):
+        e.generate(prompt(15), max_new_tokens=6, speculative=2)
+    assert len(e.generate(prompt(15), max_new_tokens=5).tokens[0]) == 5  # exactly at the limit is fine
+    with pytest.raises(NanoseekError, match="empty"):
+        e.generate([[]], max_new_tokens=3)
+    with pytest.raises(NanoseekError, match="token ids"):
+        e.generate([5, 300], max_new_tokens=3)
+
+
+def test_kv_cache_bytes_match_the_formula():
+    cfg = micro()
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    p = prompt(6)
+    assert engine("bf16").generate(p, max_new_tokens=2).kv_cache_bytes_per_token == latent * L * 2
+    assert engine("fp32").generate(p, max_new_tokens=2).kv_cache_bytes_per_token == latent * L * 4
+    spec = engine("bf16").generate(p, max_new_tokens=2, speculative=3)
+    assert spec.kv_cache_bytes_per_token == latent * (L + D) * 2  # the MTP blocks' latent caches too
+    naive = engine("bf16", attn_impl="naive").generate(p, max_new_tokens=2)
+    heads = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    assert naive.kv_cache_bytes_per_token == heads * L * 2
+
+
+def test_bf16_engine_runs_and_mostly_agrees_with_fp32():
+    p = prompt(9)
+    a = engine("fp32").generate(p, max_new_tokens=8).tokens[0]
+    b = engine("bf16").generate(p, max_new_tokens=8).tokens[0]
+    assert a[:2] == b[:2]  # rounding may flip a near-tie later on
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+def test_sampling_filters():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    p = probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (p > 0).sum() == 2 and torch.allclose(p.sum(), torch.tensor(1.0))
+    full = logits.softmax(-1)  # [0.64, 0.23, 0.09, ...]
+    p = probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    assert (p > 0).tolist() == [True, True, False, False, False]
+    assert torch.allclose(p[:2], full[:2] / full[:2].sum())
+    p = probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    assert (p > 0).sum() == 1
+    hot, cold = probs(logits, SamplingParams(temperature=2.0)), probs(logits, SamplingParams(temperature=0.5))
+    assert hot.max() < full.max() < cold.max()
+    with pytest.raises(NanoseekError):
+        SamplingParams(top_p=0.0)
+
+
+def test_seeded_sampling_is_reproducible():
+    e = engine()
+    p = prompt(8)
+    for k in (0, 2):
+        runs = [
+            e.generate(p, max_new_tokens=16, sampling=SamplingParams(1.0, top_k=50, seed=s), speculative=k).tokens
+            for s in (7, 7, 8)
+        ]
+        assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_stop_strings_and_streaming(tok):
+    e = engine(tokenizer=tok)
+    p = tok.encode("def add(a, b):\n")
+    full = e.generate(p, max_new_tokens=40, ignore_eos=True)
+    text = full.texts[0]
+    assert len(text) > 12
+    stop = text[8:11]
+    chunks = []
+    res = e.generate(p, max_new_tokens=40, stop=[stop], on_text=lambda row, s: chunks.append(s), ignore_eos=True)
+    assert res.texts[0] == text[: text.find(stop)] and res.finish_reasons == ["stop"]
+    assert "".join(chunks) == res.texts[0]
+    # streaming without stop strings reproduces decode() of the generated ids
+    chunks = []
+    res = e.generate(p, max_new_tokens=40, on_text=lambda row, s: chunks.append(s), ignore_eos=True)
+    assert "".join(chunks) == res.texts[0] == tok.decode(res.tokens[0])
+
+
+def test_text_stream_waits_for_whole_characters_and_hides_stop_strings(tok):
+    text = "print('héllo ☃ wörld 日本')\nx = 1 # STOP here"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.encode()) / 3  # multi-byte characters span several tokens
+    s = TextStream(tok.decode)
+    chunks = [s.push([i]) for i in ids] + [s.finish()]
+    assert all("\ufffd" not in c for c in chunks) and "".join(chunks) == text
+    s = TextStream(tok.decode, stop=["STOP"])
+    chunks = [s.push([i]) for i in ids] + [s.finish()]
+    assert "".join(chunks) == s.text == text[: text.index("STOP")] and s.stopped
+    assert all("ST" not in c for c in chunks)
+
+
+# --- speculative decoding ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("mtp_layers", "k"), [(2, 1), (2, 2), (2, 3), (1, 2)])
+def test_speculative_greedy_equals_plain_greedy(mtp_layers, k):
+    e = engine(num_nextn_predict_layers=mtp_layers)
+    for p in (prompt(13, 1), prompt(3, 2)):
+        plain = e.generate(p, max_new_tokens=30)
+        spec = e.generate(p, max_new_tokens=30, speculative=k)
+        assert spec.tokens == plain.tokens
+        assert spec.acceptance_rate is not None and len(spec.acceptance_per_position) == k
+        assert spec.main_forwards <= plain.main_forwards
+
+
+@pytest.mark.parametrize(("mtp_layers", "k"), [(2, 2), (2, 3), (1, 1)])
+def test_mtp_caches_stay_consistent_after_rejections(mtp_layers, k):
+    """After speculative decoding on a random model (drafts mostly rejected), every final MTP cache entry
+    equals what an MTP pass over the committed text computes."""
+    e = engine(num_nextn_predict_layers=mtp_layers)
+    m, L, D = e.model, e.model.cfg.num_hidden_layers, mtp_layers
+    p = prompt(9)
+    caches = m.make_caches(1, 64, torch.float32)
+    with torch.inference_mode():
+        res = speculative_generate(e, p, 30, k, SamplingParams(), RowOutput(30, None), caches=caches)
+        seq = torch.tensor([p + res.tokens[0]])
+        n = seq.shape[1]
+        h = m.hidden(seq)
+        checked = n - k - 2 - D  # slots certainly final (the last step may have been cut by max_new_tokens)
+        for j in range(D):
+            ref = m.make_caches(1, 64, torch.float32)[L + j]
+            h = m.mtp_step(j, h[:, : n - j - 1], seq[:, j + 1 :], cache=ref)
+            for name, buf in caches[L + j].store.items():
+                assert (buf[:, :checked] - ref.store[name][:, :checked]).abs().max() < 1e-5
+    assert res.acceptance_rate < 0.5  # rejections did happen
+
+
+def copycat(k_layers=1):
+    """A model whose main output depends only on the current token and whose MTP module predicts exactly
+    what the main model will predict next: every (greedy) draft is accepted."""
+    e = engine(num_nextn_predict_layers=k_layers)
+    m = e.model
+    with torch.no_grad():
+        for b in m.blocks():
+            b.self_attn.o_proj.weight.zero_()
+            if hasattr(b.mlp, "experts"):
+                b.mlp.experts.w2.zero_()
+                b.mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                b.mlp.down_proj.weight.zero_()
+        d = m.cfg.hidden_size
+        for layer in m.mtp:  # h' = enorm(Emb(t_{i+1})): the draft is the main model's guess for t_{i+1}
+            layer.eh_proj.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
+    return e
+
+
+@pytest.mark.parametrize(("mtp_layers", "k"), [(1, 1), (1, 3), (2, 2)])
+def test_acceptance_statistics_on_a_perfect_draft(mtp_layers, k):
+    e = copycat(mtp_layers)
+    p = prompt(5)
+    plain = e.generate(p, max_new_tokens=25)
+    spec = e.generate(p, max_new_tokens=25, speculative=k)
+    assert spec.tokens == plain.tokens
+    assert spec.acceptance_rate == 1.0 and spec.acceptance_per_position == [1.0] * k
+    assert spec.tokens_per_forward == k + 1
+    assert spec.main_forwards == 1 + -(-24 // (k + 1))  # the prefill, then k+1 tokens per forward
+    sampled = e.generate(p, max_new_tokens=25, speculative=k, sampling=SamplingParams(1.0, seed=0))
+    assert sampled.acceptance_rate > 0.95  # q == p up to rounding
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """Drafts from q, verified against p: the committed tokens must follow p (position 0 always; position 1
+    given that draft 0 was accepted; the bonus token given both were)."""
+    g = torch.Generator().manual_seed(0)
+    V, n = 5, 12000
+    p_logits = torch.randn(3, V, generator=g) * 1.5
+    q = torch.randn(2, V, generator=g).mul(1.5).softmax(-1)
+    params = SamplingParams(temperature=1.0, seed=0)
+    p = probs(p_logits, params)
+    gen = params.generator()
+    first, second, bonus = torch.zeros(V), torch.zeros(V), torch.zeros(V)
+    for _ in range(n):
+        drafts = [int(draw(q[0], gen)), int(draw(q[1], gen))]
+        a, nxt = accept_drafts(p_logits, drafts, [q[0], q[1]], params, gen)
+        out = [*drafts[:a], nxt]
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+        if len(out) > 2:
+            bonus[out[2]] += 1
+    for counts, target in ((first, p[0]), (second, p[1]), (bonus, p[2])):
+        assert counts.sum() > 1000
+        tv = 0.5 * (counts / counts.sum() - target).abs().sum()
+        assert tv < 0.03, (counts / counts.sum(), target)
+    assert (first / n - q[0]).abs().sum() / 2 > 0.1  # the drafts alone would have been detectably wrong
+
+
+def test_speculative_errors():
+    e = engine(num_nextn_predict_layers=0)
+    with pytest.raises(NanoseekError, match="MTP"):
+        e.generate(prompt(4), max_new_tokens=3, speculative=1)
+    e = engine()
+    with pytest.raises(NanoseekError, match="batch 1"):
+        e.generate([prompt(4), prompt(5)], max_new_tokens=3, speculative=1)
+
+
+def test_compiled_moe_path_matches_the_model():
+    """The static-shape MoE used inside the compiled decode step computes what MoE.forward computes."""
+    from nanoseek.engine import _static_moe_forward
+
+    e = engine()
+    moe = e.model.moe_layers()[0]
+    x = torch.randn(3, 1, e.model.cfg.hidden_size)
+    with torch.inference_mode():
+        assert (moe(x) - _static_moe_forward(moe, x)).abs().max() < 1e-5
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_model(Transformer(micro()), d)
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+def test_generate_cli_json_end_to_end(saved_model):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "nanoseek", "generate", "--model", str(saved_model), "--max-new-tokens", "6"]
+    cmd += ["--threads", "1"]
+    r = subprocess.run(
+        [*cmd, "--prompt", "def add(", "--json", "--speculative", "mtp", "--draft-tokens", "2", "--ignore-eos"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    keys = {"text", "tokens", "tokens_per_s", "acceptance_rate", "kv_cache_bytes_per_token"}
+    assert keys | {"acceptance_per_position", "tokens_per_forward"} <= out.keys()
+    assert len(out["tokens"]) == 6 and isinstance(out["text"], str) and out["acceptance_rate"] is not None
+    assert len(out["acceptance_per_position"]) == 2
+
+
+def test_generate_cli_plain_chat_and_errors(saved_model, capsys, monkeypatch, tmp_path):
+    import io
+
+    from nanoseek.cli import main
+
+    base = ["generate", "--model", str(saved_model), "--max-new-tokens", "4", "--dtype", "fp32", "--ignore-eos"]
+    assert main([*base, "--prompt", "x = ", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["acceptance_rate"] is None and out["tokens_per_forward"] == 1.0 and len(out["tokens"]) == 4
+    monkeypatch.setattr(sys, "stdin", io.StringIO("import os\nprint(\n"))
+    assert main([*base, "--chat", "--json"]) == 0
+    turns = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(turns) == 2 and turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 4  # history kept
+    assert main([*base, "--prompt", "x", "--top-p", "0"]) == 2
+    bare = tmp_path / "bare"
+    torch.manual_seed(0)
+    save_model(Transformer(micro()), bare)
+    assert main(["generate", "--model", str(bare), "--prompt", "x"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main(["generate", "--model", str(bare), "--prompt", "x", "--tokenizer", str(saved_model / "tokenizer.json"),
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
