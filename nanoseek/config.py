@@ -63,7 +63,7 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # V3 sigmoid; V2 softmax
     topk_method: str = "noaux_tc"  # noaux_tc (V3, bias-corrected), greedy / group_limited_greedy (V2)
     norm_topk_prob: bool = True
-    moe_impl: str = "auto"  # routed-expert GEMMs: auto | grouped_mm | bmm | loop (reference)
+    moe_impl: str = "auto"  # routed-expert GEMMs: auto | grouped_mm | bmm | gather | loop (reference)
 
     # multi-token prediction
     num_nextn_predict_layers: int = 1
@@ -107,8 +107,8 @@ class ModelConfig:
             bad(f"rope_type must be default|yarn, got {self.rope_type!r}")
         if self.scoring_func not in ("sigmoid", "softmax"):
             bad(f"scoring_func must be sigmoid|softmax, got {self.scoring_func!r}")
-        if self.moe_impl not in ("auto", "grouped_mm", "bmm", "loop"):
-            bad(f"moe_impl must be auto|grouped_mm|bmm|loop, got {self.moe_impl!r}")
+        if self.moe_impl not in ("auto", "grouped_mm", "bmm", "gather", "loop"):
+            bad(f"moe_impl must be auto|grouped_mm|bmm|gather|loop, got {self.moe_impl!r}")
         if self.n_routed_experts:
             if self.n_routed_experts % max(self.n_group, 1):
                 bad(f"n_routed_experts {self.n_routed_experts} not divisible by n_group {self.n_group}")

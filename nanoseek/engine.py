@@ -7,10 +7,9 @@
   row decodes exactly as it would alone.
 - bf16 by default (fp32 on request), always under `torch.inference_mode()`. Per step the only host sync is
   reading the sampled ids (for EOS / stop strings); the Python per step is the model's own forward.
-- `compile=True` compiles the single-token decode step with `torch.compile` (opt-in: ~20-60 s the first
-  time). The model's MoE sorts tokens by expert with data-dependent shapes, which dynamo cannot trace, so
-  inside the compiled step the routed experts run through `_static_moe_forward` (each token's K expert
-  weights gathered and applied with one bmm: fixed shapes, no sync). The eager path is the reference.
+- `compile=True` compiles the decode step with `torch.compile` (opt-in: ~20-60 s the first time). With few
+  tokens per forward the MoE takes its gather path (each token's K experts' weights gathered and applied
+  with one bmm: static shapes, no host sync), which dynamo traces. The eager path is the reference.
 - Speculative decoding with the model's own MTP modules lives in `nanoseek.speculative`; sampling, stop
   strings and streaming text in `nanoseek.sampling`.
 
@@ -20,13 +19,11 @@ Legend: B batch, P (padded) prompt length, T new tokens in a forward, V vocabula
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import NanoseekError
 from .sampling import SamplingParams, TextStream, sample
@@ -165,8 +162,6 @@ class Engine:
         self.compiled = compile
         self._step, self.verify, self.draft = self._decode_eager, self._verify_eager, self._draft_eager
         if compile:
-            for m in self.model.moe_layers():
-                m.forward = types.MethodType(_moe_forward_for_compile, m)
             self._step = torch.compile(self._decode_eager, dynamic=True)
             self.verify = torch.compile(self._verify_eager, dynamic=True)
             self.draft = torch.compile(self._draft_eager, dynamic=True)
@@ -328,30 +323,3 @@ class Engine:
             main_forwards=forwards,
             kv_cache_bytes_per_token=sum(c.bytes_per_token() for c in st.caches),
         )
-
-
-def _moe_forward_for_compile(self, x: torch.Tensor) -> torch.Tensor:
-    """Bound to each MoE module of a compiled engine: inside `torch.compile` the routed experts use the
-    static-shape gather path below; eager calls (prefill, the reference) keep the model's own forward."""
-    if torch.compiler.is_compiling():
-        return _static_moe_forward(self, x)
-    return type(self).forward(self, x)
-
-
-def _static_moe_forward(moe, x: torch.Tensor) -> torch.Tensor:
-    """DeepSeekMoE for a few tokens without sorting by expert: each token's K experts' weights are gathered
-    and applied with one bmm. Same routing (the model's Gate) and math as `MoE.forward`; no load counting."""
-    shape = x.shape
-    xf = x.reshape(-1, shape[-1])  # [N, d]
-    weights, idx, _ = moe.gate(xf)  # [N, K]
-    ex = moe.experts
-    N, K = idx.shape
-    flat = idx.reshape(-1)
-    w13, w2 = ex.w13[flat].to(xf.dtype), ex.w2[flat].to(xf.dtype)  # [N*K, d, 2I], [N*K, I, d]
-    h = torch.bmm(xf.repeat_interleave(K, dim=0)[:, None], w13)  # [N*K, 1, 2I]
-    h = F.silu(h[..., : ex.inter]) * h[..., ex.inter :]
-    y = torch.bmm(h, w2).view(N, K, -1)
-    y = (y * weights[..., None].to(y.dtype)).sum(dim=1)
-    if moe.shared_experts is not None:
-        y = y + moe.shared_experts(xf)
-    return y.view(shape)

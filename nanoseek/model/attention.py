@@ -63,7 +63,7 @@ class MLA(nn.Module):
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         if self.impl == "absorb":
-            return {"kv": (self.kv_lora_rank,), "pe": (self.rope_dim,)}
+            return {"kvpe": (self.kv_lora_rank + self.rope_dim,)}  # [c_KV | k_pe]: key and (sliced) value
         return {"k": (self.n_heads, self.nope + self.rope_dim), "v": (self.n_heads, self.v_dim)}
 
     def forward(
@@ -107,18 +107,18 @@ class MLA(nn.Module):
         C = self.kv_lora_rank
         w = self.kv_b_proj.weight.to(q_nope.dtype).view(H, self.nope + self.v_dim, C)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, : self.nope])  # W_UK absorbed: [B, T, H, C]
+        # one buffer [c_KV | k_pe] serves as the key, and its first C columns as the value: no per-step copy
+        kv = torch.cat([c, pe], dim=-1)  # [B, T, C+R]
         if cache is not None:
-            kv = cache.update(start_pos, kv=c, pe=pe)
-            c, pe = kv["kv"], kv["pe"]
-        S = c.shape[1]
+            kv = cache.update(start_pos, kvpe=kv)["kvpe"]  # [B, S, C+R]
+        S = kv.shape[1]
         # heads folded into the query axis (rows ordered t-major): one latent "key head" serves all heads
         q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, T * H, C + self.rope_dim)
-        k = torch.cat([c, pe], dim=-1)[:, None]  # [B, 1, S, C+R]
         if mask is None and causal:
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
         if mask is not None:
             mask = mask.repeat_interleave(H, dim=2)  # [B|1, 1, T*H, S]
-        o_lat = _sdpa(q, k, c[:, None], mask, False, self.scale).view(B, T, H, C)
+        o_lat = _sdpa(q, kv[:, None], kv[:, None, :, :C], mask, False, self.scale).view(B, T, H, C)
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope :])  # W_UV absorbed: [B, T, H, V]
 
 

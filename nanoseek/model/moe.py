@@ -143,9 +143,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], idx/weights [N, K] -> sum_k weights[:, k] * Expert_idx[:, k](x)  [N, d]."""
-        K = idx.shape[1]
+        N, K = idx.shape
         if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not on autocast's op list
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if self.impl == "gather" or (self.impl == "auto" and self.n_experts >= N * K):  # decoding: few rows
+            return self.gathered(x, idx, weights)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # group the N*K token copies by expert
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -153,6 +155,18 @@ class Experts(nn.Module):
         ys = self.mlp_sorted(x[token], counts)  # [M, d]
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): gather each token's K experts' weights and apply them with one bmm. No sort,
+        no host sync and static shapes (so `torch.compile` can trace it); reads at most every expert once
+        when N*K <= E, which is when "auto" picks it."""
+        N, K = idx.shape
+        flat = idx.reshape(-1)
+        w13, w2 = self.w13[flat].to(x.dtype), self.w2[flat].to(x.dtype)  # [N*K, d, 2I], [N*K, I, d]
+        h = torch.bmm(x.repeat_interleave(K, dim=0)[:, None], w13)  # [N*K, 1, 2I]
+        h = F.silu(h[..., : self.inter]) * h[..., self.inter :]
+        y = torch.bmm(h, w2).view(N, K, -1)
+        return (y * weights[..., None].to(y.dtype)).sum(dim=1)
 
 
 class MoE(nn.Module):
@@ -175,8 +189,9 @@ class MoE(nn.Module):
         xf = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(xf)
         if self.count_tokens:
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=self.cfg.n_routed_experts)
+            with torch.no_grad():  # a fixed-shape scatter (no host sync, traceable), not bincount
+                flat = idx.flatten()
+                self.tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
         if self.capture_router:
             self.router_record = (scores, idx, tuple(shape[:-1]))
         y = self.experts(xf, idx, weights)
