@@ -60,12 +60,22 @@ def synthetic_text(seed: int, n_docs: int, words_per_doc: int = 200) -> list[str
     return docs
 
 
-@pytest.fixture
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(synthetic_text(0, 40)):
+def write_corpus(d, n_docs: int, words_per_doc: int = 200):
+    """A directory of synthetic .py documents, usable as `--data`."""
+    for i, doc in enumerate(synthetic_text(0, n_docs, words_per_doc)):
         (d / f"doc{i:02d}.py").write_text(doc)
     return d
+
+
+@pytest.fixture
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 40)
+
+
+@pytest.fixture(scope="session")
+def session_corpus_dir(tmp_path_factory):
+    """One corpus shared by a module's session-scoped fixtures (e.g. the quick bench runs)."""
+    return write_corpus(tmp_path_factory.mktemp("session-corpus"), 24, 240)
 
 
 @pytest.fixture(autouse=True)

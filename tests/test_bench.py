@@ -1,0 +1,202 @@
+"""`nanoseek bench`: every bench's --quick path runs in-process and returns the documented JSON keys with sane
+values; the KV numbers equal the DeepSeek-V2 formulas exactly; the report collects saved results; the CLI
+prints one JSON object as its last stdout line."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.bench import BENCHES, run
+from nanoseek.bench.common import BenchOptions
+
+TRAINING_BENCHES = ("balance", "mtp", "train", "attention", "moe", "fp8")
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory, session_corpus_dir):
+    """Quick runs of the training benches on a small synthetic corpus, shared by the tests below."""
+    root = tmp_path_factory.mktemp("bench")
+    corpus = session_corpus_dir
+    results = {}
+    for name in TRAINING_BENCHES:
+        results[name] = run(name, BenchOptions(quick=True, out=root / name, data=str(corpus), threads=1))
+    return root, results
+
+
+def test_registry_covers_the_suite():
+    assert set(BENCHES) == {"kv", "balance", "mtp", "train", "attention", "moe", "decode", "fp8", "comm", "report"}
+
+
+def test_kv_numbers_equal_the_formulas(tmp_path):
+    r = run("kv", BenchOptions(out=tmp_path))
+    rows = {(x["preset"], x["attention"]): x for x in r["rows"]}
+    v3 = {k[1]: v for k, v in rows.items() if k[0] == "v3"}
+    assert v3["MLA"]["elements_per_token_per_layer"] == 576  # d_c + d_h^R = 512 + 64
+    assert v3["MHA"]["elements_per_token_per_layer"] == 32768  # 2 * 128 heads * 128
+    assert v3["GQA-8"]["elements_per_token_per_layer"] == 2 * 8 * 128
+    assert v3["MQA"]["elements_per_token_per_layer"] == 2 * 128
+    assert v3["MLA"]["bf16_bytes_per_token"] == 576 * 61 * 2
+    assert v3["MLA"]["equivalent_gqa_groups"] == 2.25
+    lite = {k[1]: v for k, v in rows.items() if k[0] == "v2-lite"}
+    assert lite["MHA"]["elements_per_token"] == 2 * 16 * 128 * 27  # 110.6K, V2 Table 9
+    assert lite["MLA"]["elements_per_token"] == 576 * 27  # 15.6K
+    small = {k[1]: v for k, v in rows.items() if k[0] == "small"}
+    assert (
+        small["MLA"]["elements_per_token_per_layer"] == 128 + 32
+        and small["MHA"]["elements_per_token_per_layer"] == 1024
+    )
+    for x in r["rows"]:
+        assert x["elements_per_token"] == x["elements_per_token_per_layer"] * x["layers"]
+        assert x["bf16_bytes_per_token"] == 2 * x["elements_per_token"]
+        assert x["model_matches_formula"], x  # what our attention modules allocate
+    assert all(g["met"] for g in r["goals"])
+    assert (tmp_path / "kv.md").exists() and (tmp_path / "kv_bytes.png").exists()
+    assert json.loads((tmp_path / "result.json").read_text())["rows"] == json.loads(json.dumps(r["rows"]))
+
+
+def test_balance_quick(suite):
+    root, res = suite
+    arms = res["balance"]["arms"]
+    assert {a["balance"] for a in arms} == {"loss-free", "aux", "none"}
+    assert sorted(a["alpha"] for a in arms if a["balance"] == "aux") == [1e-3, 1e-2]
+    for a in arms:
+        assert {"balance", "alpha", "maxvio_global", "val_loss", "seeds", "tokens"} <= set(a)
+        assert finite(a["val_loss"]) and 0 < a["val_loss"] < 20
+        assert finite(a["maxvio_global"]) and 0 <= a["maxvio_global"] <= 16 / 2 - 1  # at most N/K - 1
+        assert a["seeds"] == 1 and a["tokens"] > 0
+    for f in ("balance.md", "maxvio_batch.png", "maxvio_global.png", "val_loss.png", "result.json"):
+        assert (root / "balance" / f).exists(), f
+
+
+def test_mtp_quick(suite):
+    r = suite[1]["mtp"]
+    for k in ("val_loss_mtp", "val_loss_no_mtp", "speculative_speedup", "greedy_tok_s", "speculative_tok_s"):
+        assert finite(r[k]) and r[k] > 0, k
+    assert 0 <= r["acceptance_rate"] <= 1 and 0 <= r["acceptance_rate_teacher_forced"] <= 1
+    assert 1 <= r["tokens_per_forward"] <= 2
+    assert r["same_tokens_fraction"] == 1.0  # speculative decoding is lossless under greedy
+
+
+def test_train_quick(suite):
+    r = suite[1]["train"]
+    assert {x["precision"] for x in r["results"]} == {"fp32", "bf16"}
+    for x in r["results"]:
+        for k in ("ours_tok_s", "transformers_tok_s", "speedup", "gemm_peak_fraction"):
+            assert finite(x[k]) and x[k] > 0, k
+        assert x["preset"] == "tiny" and x["gemm_peak_fraction"] < 1.5
+    # the like-for-like check: same weights, config and batch give the same fp32 loss in both libraries
+    first = r["results"][0]["first_step_loss"]
+    assert abs(first["ours"] - first["transformers"]) < 1e-3
+
+
+def test_attention_quick(suite):
+    r = suite[1]["attention"]
+    arms = {a["label"]: a for a in r["arms"]}
+    assert set(arms) == {"MLA", "MHA", "GQA-2"}
+    params = [a["params"] for a in arms.values()]
+    assert max(params) / min(params) < 1.03  # matched within 3%
+    assert arms["MLA"]["kv_bytes_per_token"] < arms["GQA-2"]["kv_bytes_per_token"] < arms["MHA"]["kv_bytes_per_token"]
+    for a in arms.values():
+        assert finite(a["val_loss"]) and finite(a["decode_tok_s_b1"]) and a["decode_tok_s_b1"] > 0
+
+
+def test_moe_quick(suite):
+    arms = suite[1]["moe"]["arms"]
+    moe, act, tot, iso = arms
+    assert moe["label"] == "DeepSeekMoE" and iso["label"] == "dense, same total, same FLOPs"
+    assert iso["steps"] < tot["steps"] and abs(iso["train_flops"] / moe["train_flops"] - 1) < 0.3
+    assert abs(act["params_active"] - moe["params_active"]) / moe["params_active"] < 0.02
+    assert abs(tot["params_total"] - moe["params_total"]) / moe["params_total"] < 0.02
+    assert tot["train_flops_per_token"] > moe["train_flops_per_token"]
+    for a in arms:
+        assert finite(a["val_loss"]) and a["train_flops"] > 0 and a["train_seconds"] > 0
+
+
+def test_fp8_quick(suite):
+    r = suite[1]["fp8"]
+    for k in ("rel_loss_error_blockwise", "rel_loss_error_tensorwise"):
+        assert finite(r[k]) and 0 <= r[k] < 0.05, k
+    assert 0.3 < r["activation_memory_ratio"] < 1  # FP8-cached activations are smaller
+    for k in ("tokens_per_s_bf16", "tokens_per_s_fp8_blockwise", "tokens_per_s_fp8_tensorwise"):
+        assert finite(r[k]) and r[k] > 0
+
+
+@pytest.mark.parametrize(
+    "name,module,func",
+    [("decode", "nanoseek.bench_decode", "run"), ("comm", "nanoseek.parallel.bench", "run_comm_bench")],
+)
+def test_delegated_benches(name, module, func, tmp_path, monkeypatch):
+    """decode and comm call other parts' bench functions with quick=True, and their dict becomes the result
+    (their own tests run them for real)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    calls = []
+
+    def fake(quick, out_dir=None):
+        calls.append(quick)
+        return {"speedup": 1.5, "rows": [{"a": 1, "b": 2.5}], "nested": {"x": 3}}
+
+    monkeypatch.setattr(mod, func, fake, raising=False)
+    r = run(name, BenchOptions(quick=True, out=tmp_path))
+    assert calls == [True] and r["speedup"] == 1.5 and r["bench"] == name
+    assert "| a " in (tmp_path / f"{name}.md").read_text()
+
+
+def test_report_collects_saved_results(suite, monkeypatch):
+    root, _ = suite
+    # stand-ins for the delegated benches, so the report has nothing left to run
+    (root / "kv").mkdir(exist_ok=True)
+    run("kv", BenchOptions(out=root / "kv"))
+    for name, extra in (
+        ("comm", {"bytes_per_token": {"bf16_no_limit": 2000.0, "bf16_max_1_node": 800.0}}),
+        ("decode", {}),
+    ):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "result.json").write_text(json.dumps({"bench": name, "quick": True, "goals": [], **extra}))
+    monkeypatch.setattr("nanoseek.bench.run", lambda *a, **k: pytest.fail("the report re-ran a saved bench"))
+    r = run("report", BenchOptions(quick=True, out=root / "report"))
+    assert set(r["benches"]) == {"kv", "balance", "mtp", "train", "attention", "moe", "decode", "fp8", "comm"}
+    assert not r["missing"]
+    text = (root / "report" / "report.md").read_text()
+    for title in ("Mixed precision", "Multi-token prediction", "latent attention", "Communication", "DeepSeekMoE"):
+        assert title in text
+    assert "576" in text and "0.72" in text  # ours beside the papers' figures
+    assert (root / "report" / "summary.png").exists()
+    assert len(r["sections"]) == 5 and r["goals"]
+
+
+def test_cli_prints_one_json_object_last(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    # the real command line: with --json, stdout is exactly one JSON line
+    p = subprocess.run(
+        [sys.executable, "-m", "nanoseek", "bench", "kv", "--json", "--out", str(tmp_path / "kv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["bench"] == "kv"
+    # without --json the tables come first and the JSON object is still the last line
+    assert main(["bench", "kv", "--out", str(tmp_path / "kv2")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("| v3") for line in lines) and json.loads(lines[-1])["bench"] == "kv"
+    # a user error is one line on stderr and exit code 2
+    assert main(["bench", "balance", "--steps", "0", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--steps" in err[0]
+
+
+def test_report_files_are_relative(suite):
+    root, _ = suite
+    text = (root / "balance" / "balance.md").read_text()
+    assert "](maxvio_batch.png)" in text and f"]({root}" not in text
