@@ -5,6 +5,8 @@ import tempfile
 import pytest
 import torch
 
+from nanoseek.config import ModelConfig, get_preset
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # keep trained tokenizers out of the user's cache, but shared across the tests of one session
 os.environ.setdefault("NANOSEEK_CACHE", tempfile.mkdtemp(prefix="nanoseek-test-cache-"))
@@ -45,6 +47,39 @@ WORDS = [
     "dict",
     "range",
 ]
+
+
+MICRO = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_group=4,
+    topk_group=2,
+    init_std=0.05,
+)
+
+
+def micro_config(**kw) -> ModelConfig:
+    """A smaller-than-tiny config with every feature of `tiny` (MLA with q_lora, group-limited MoE, MTP), so
+    that model-level tests stay fast; keyword arguments override fields."""
+    return get_preset("tiny", **{**MICRO, **kw})
+
+
+def randomize_bias(model, std: float = 0.05) -> None:
+    """A non-zero routing bias, so tests exercise biased expert selection."""
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, std)
 
 
 def synthetic_text(seed: int, n_docs: int, words_per_doc: int = 200) -> list[str]:

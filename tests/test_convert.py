@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import micro_config, randomize_bias
 
-from nanoseek import NanoseekError, get_preset
+from nanoseek import NanoseekError
 from nanoseek.checkpoint import load_model, save_model
 from nanoseek.cli import main
 from nanoseek.convert import convert
@@ -25,27 +26,7 @@ def _one_thread():
 
 
 def micro():
-    return get_preset(
-        "tiny",
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=24,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        n_group=4,
-        topk_group=2,
-        num_nextn_predict_layers=2,
-        max_position_embeddings=256,
-        attn_impl="absorb",
-    )
+    return micro_config(num_nextn_predict_layers=2, max_position_embeddings=256, attn_impl="absorb", init_std=0.006)
 
 
 @pytest.fixture
@@ -55,9 +36,7 @@ def run_dir(tmp_path):
 
     torch.manual_seed(0)
     m = Transformer(micro())
-    with torch.no_grad():
-        for moe in m.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.01)
+    randomize_bias(m, 0.01)
     run = tmp_path / "run"
     save_model(m, run / "checkpoints" / "step_0000010")
     train_tokenizer(["def f(x):\n    return x + 1\n"] * 8, vocab_size=270).save(run / "tokenizer.json")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import micro_config, randomize_bias
 
-from nanoseek import NanoseekError, get_preset
+from nanoseek import NanoseekError
 from nanoseek.checkpoint import save_model
 from nanoseek.engine import Engine, RowOutput
 from nanoseek.model import Transformer
@@ -38,35 +39,13 @@ def _one_thread():
 
 
 def micro(**kw):
-    base = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=24,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        n_group=4,
-        topk_group=2,
-        init_std=0.05,
-        num_nextn_predict_layers=2,
-        max_position_embeddings=256,
-    )
-    return get_preset("tiny", **{**base, **kw})
+    return micro_config(**{"num_nextn_predict_layers": 2, "max_position_embeddings": 256, **kw})
 
 
 def engine(dtype="fp32", attn_impl="absorb", tokenizer=None, **kw):
     torch.manual_seed(0)
     m = Transformer(micro(**kw))
-    with torch.no_grad():
-        for moe in m.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    randomize_bias(m)
     return Engine(m, tokenizer, dtype=dtype, attn_impl=attn_impl)
 
 
@@ -213,6 +192,48 @@ def test_speculative_greedy_equals_plain_greedy(mtp_layers, k):
         assert spec.tokens == plain.tokens
         assert spec.acceptance_rate is not None and len(spec.acceptance_per_position) == k
         assert spec.main_forwards <= plain.main_forwards
+
+
+def test_speculative_greedy_equals_plain_greedy_on_a_trained_model():
+    """A micro model with two MTP modules, trained until main model and MTP heads know a deterministic rule
+    (x_{i+1} = 7 x_i + 3 mod V): drafts are then accepted, and the accepting paths (k <= D and k > D, where the
+    last module is chained) must still reproduce plain greedy decoding token for token."""
+    from nanoseek.train import lm_losses
+
+    torch.manual_seed(0)
+    m = Transformer(micro())
+    g = torch.Generator().manual_seed(0)
+
+    def rule(n: int, T: int) -> torch.Tensor:
+        cols = [torch.randint(0, 300, (n, 1), generator=g)]
+        for _ in range(T):
+            cols.append((cols[-1] * 7 + 3) % 300)
+        return torch.cat(cols, 1)
+
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(250):
+        s = rule(16, 48)
+        ce, mtps = lm_losses(m, s[:, :-1], s[:, 1:], use_mtp=True)
+        opt.zero_grad()
+        (ce + 0.3 * sum(mtps) / len(mtps)).backward()
+        opt.step()
+    assert ce.item() < 0.2 and max(x.item() for x in mtps) < 0.1  # trained: the rule is learned
+    e = Engine(m, dtype="fp32")
+    p = rule(1, 10)[0].tolist()
+    plain = e.generate(p, max_new_tokens=30)
+    assert plain.tokens[0][:5] == rule_continuation(p[-1], 5)
+    for k in (1, 2, 3):
+        spec = e.generate(p, max_new_tokens=30, speculative=k)
+        assert spec.tokens == plain.tokens
+        assert spec.acceptance_rate > 0.9 and spec.tokens_per_forward > k  # drafts were accepted
+
+
+def rule_continuation(last: int, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        last = (last * 7 + 3) % 300
+        out.append(last)
+    return out
 
 
 @pytest.mark.parametrize(("mtp_layers", "k"), [(2, 2), (2, 3), (1, 1)])

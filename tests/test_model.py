@@ -6,40 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import micro_config as tiny
 
 from nanoseek import NanoseekError, get_preset
 from nanoseek.costs import cost_report
 from nanoseek.model import Block, Transformer
 from nanoseek.model.moe import Gate, sorted_swiglu
-
-
-def tiny(**kw):
-    # a smaller-than-tiny config so these tests stay fast
-    base = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=24,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        n_group=4,
-        topk_group=2,
-        init_std=0.05,
-    )
-    return get_preset("tiny", **{**base, **kw})
-
-
-def randomize_bias(model, std=0.05):
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, std)
 
 
 @pytest.mark.parametrize("q_lora", [32, 0])

@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import micro_config
 
-from nanoseek import get_preset
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Experts, Gate
 from nanoseek.parallel import ParallelPlan
@@ -25,25 +25,7 @@ MTP_WEIGHT = 0.3
 
 
 def small_cfg(**kw):
-    base = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=24,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=12,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        n_group=4,
-        topk_group=2,
-        init_std=0.05,
-    )
-    return get_preset("tiny", **{**base, **kw})
+    return micro_config(**{"vocab_size": 256, **kw})
 
 
 def build_model(seed: int = 0, **kw) -> Transformer:
