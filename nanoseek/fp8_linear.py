@@ -240,7 +240,14 @@ class Fp8LinearFunction(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, config: Fp8Config | None = None) -> torch.Tensor:
-    """`F.linear(x, weight)` (no bias) with FP8 operands in all three GEMMs; see `Fp8LinearFunction`."""
+    """`F.linear(x, weight)` (no bias) with FP8 operands in all three GEMMs; see `Fp8LinearFunction`.
+
+    Under autocast the input is first cast to the autocast dtype, as autocast does for `F.linear`: autocast
+    does not reach inside a custom Function, and an fp32 output would make the ops after it (SwiGLU, residual
+    adds) save fp32 activations, undoing much of FP8's memory saving."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(dev))
     return Fp8LinearFunction.apply(x, weight, config or Fp8Config())
 
 
@@ -433,6 +440,28 @@ class _Fp8MlpSorted:
         return fp8_expert_mlp(xs, e.w13, e.w2, counts, e.fp8, impl if impl in ("bmm", "loop") else "auto")
 
 
+class _Fp8SwiGLU:
+    """Replaces `MLP.forward` (dense layers, shared experts) on one instance: the SwiGLU MLP runs as one FP8
+    expert (E = 1) of `fp8_expert_mlp`, so that, as in the routed experts, its input and the SwiGLU input are
+    cached in FP8 and the SwiGLU output is recomputed in backward; through three `Fp8Linear`s autograd would
+    keep the bf16 gate and up outputs and the SwiGLU output. Same Parameters, same 128x128 weight blocks (gate
+    and up quantised separately)."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp = mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # what autocast would do for the Linears this replaces
+            x = x.to(torch.get_autocast_dtype(dev))
+        x2 = x.reshape(-1, x.shape[-1])
+        w13 = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().unsqueeze(0)  # [1, d, 2I]
+        w2 = m.down_proj.weight.t().unsqueeze(0)  # [1, I, d]
+        counts = torch.full((1,), x2.shape[0], dtype=torch.long, device=x.device)
+        return fp8_expert_mlp(x2, w13, w2, counts, m.gate_proj.fp8).view(*x.shape[:-1], w2.shape[-1])
+
+
 def convert_to_fp8(
     model: nn.Module,
     granularity: str = "block",
@@ -440,12 +469,15 @@ def convert_to_fp8(
     *,
     o_proj_e5m6: bool = True,
     experts: bool = True,
+    swiglu: bool = True,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
 ) -> nn.Module:
     """Swap `model`'s Linears named in `FP8_LINEARS` for `Fp8Linear` (same Parameters) and route the routed
     experts (modules with w13/w2 and `mlp_sorted(xs, counts)`, i.e. `nanoseek.model.moe.Experts`) through
     `fp8_expert_mlp`. In place; returns the model. `filter_fn(qualified_name, linear)` replaces the name
-    rule. o_proj caches its input in E5M6 (`o_proj_e5m6`), as in the recipe. Calling again re-configures."""
+    rule. o_proj caches its input in E5M6 (`o_proj_e5m6`), as in the recipe. With `swiglu`, a SwiGLU MLP whose
+    three projections are all FP8 (dense layers, shared experts) runs as one fused FP8 expert (`_Fp8SwiGLU`).
+    Calling again re-configures."""
     base = Fp8Config(granularity, pow2_scale)
     e5m6 = Fp8Config(granularity, pow2_scale, "e5m6" if o_proj_e5m6 else "e4m3")
     for parent_name, parent in list(model.named_modules()):
@@ -462,4 +494,10 @@ def convert_to_fp8(
             elif experts and hasattr(child, "mlp_sorted") and isinstance(getattr(child, "w13", None), nn.Parameter):
                 child.fp8 = base
                 child.mlp_sorted = _Fp8MlpSorted(child)
+    for module in model.modules():
+        projs = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if swiglu and all(isinstance(p, Fp8Linear) for p in projs) and len({p.fp8 for p in projs}) == 1:
+            module.forward = _Fp8SwiGLU(module)
+        elif isinstance(module.__dict__.get("forward"), _Fp8SwiGLU):
+            del module.forward  # re-configured without it: back to the class's forward
     return model
