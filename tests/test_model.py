@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import micro_config as tiny
 
 from nanoseek import NanoseekError, get_preset
@@ -248,3 +249,52 @@ def test_info_cli_json():
         bad.returncode == 2
         and bad.stderr.strip() == "error: unknown preset 'v4'; choose one of: tiny, small, v2-lite, v3"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
+    """RMSNorm's custom backward (recomputes the normalised input) and the chunked cross-entropy (keeps the
+    logits, not fp32 log-probabilities) give autograd's values and gradients, and keep fewer bytes."""
+    from nanoseek.fp8 import SavedTensorBytes
+    from nanoseek.model.layers import RMSNorm, _CrossEntropyFunction, cross_entropy
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    x = (torch.randn(3, 50, 64) * 3).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = norm.weight.detach().clone().requires_grad_()
+    with SavedTensorBytes(exclude=[norm.weight]) as mine:
+        y = norm(x)
+    xf = x_ref.float()
+    with SavedTensorBytes(exclude=[w_ref]) as ref:
+        y_ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * w_ref).to(dtype)
+    assert y.dtype == dtype and torch.equal(y, y_ref)  # the forward is the same computation
+    assert mine.bytes < ref.bytes
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(norm.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
+
+    _CrossEntropyFunction.CHUNK, chunk = 7, _CrossEntropyFunction.CHUNK  # several chunks, a ragged last one
+    try:
+        logits = (torch.randn(40, 33) * 4).to(dtype).requires_grad_()
+        ref_logits = logits.detach().clone().requires_grad_()
+        t = torch.randint(0, 33, (40,))
+        t[[3, 17]] = -100  # ignored, as in F.cross_entropy
+        with SavedTensorBytes() as mine:
+            loss = cross_entropy(logits, t)
+        with SavedTensorBytes() as ref:
+            loss_ref = F.cross_entropy(ref_logits.float(), t)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        loss_ref.backward()
+        assert logits.grad.dtype == dtype
+        torch.testing.assert_close(logits.grad.float(), ref_logits.grad.float(), rtol=tol, atol=1e-3 * tol)
+        if dtype == torch.bfloat16:
+            assert mine.bytes < 0.6 * ref.bytes
+    finally:
+        _CrossEntropyFunction.CHUNK = chunk

@@ -1,10 +1,85 @@
-"""Small building blocks: RMSNorm, a dtype-following Linear, and the SwiGLU MLP."""
+"""Small building blocks: RMSNorm, a dtype-following Linear, the SwiGLU MLP, a memory-lean cross-entropy."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / rms(x) * weight in x's dtype, 1/rms(x) [..., 1] in fp32), computed in fp32."""
+    xf = x.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * r * weight.float()).to(x.dtype), r
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm that keeps only its input and the per-row 1/rms for backward and recomputes the normalised
+    activations there, as DeepSeek-V3 recomputes every RMSNorm in backward instead of storing its output:
+    autograd through the plain ops would also keep the fp32 normalised tensor (one more activation-sized
+    buffer per norm)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        y, r = _rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r  # the normalised input, recomputed
+        g = dy.float()
+        dw = (g * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gw = g * weight.float()
+        # d/dx of n = x r with r = (mean(x²) + eps)^-1/2:  dx = r (gw - n · mean(gw n))
+        dx = (r * (gw - n * (gw * n).mean(-1, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return dx, dw, None
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Mean cross-entropy over rows of `logits` [N, V] computed in fp32, keeping the logits in their own dtype
+    (bf16 under autocast) plus one fp32 log-sum-exp per row for backward, instead of the fp32 log-probabilities
+    `F.cross_entropy(logits.float())` keeps: half the bytes of the largest activation of a small model. Rows are
+    processed in chunks so that no full fp32 copy of the logits is ever materialised. Targets of -100 are
+    ignored, as in `F.cross_entropy`."""
+
+    CHUNK = 4096  # rows per fp32 chunk
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = targets != -100
+        safe = targets.clamp_min(0)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for i in range(0, logits.shape[0], _CrossEntropyFunction.CHUNK):
+            z = logits[i : i + _CrossEntropyFunction.CHUNK].float()
+            lse[i : i + len(z)] = torch.logsumexp(z, -1)
+            picked[i : i + len(z)] = z.gather(1, safe[i : i + len(z), None]).squeeze(1)
+        n = valid.sum()
+        ctx.save_for_backward(logits, safe, valid, lse, n)
+        return ((lse - picked) * valid).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, safe, valid, lse, n = ctx.saved_tensors
+        dz = torch.empty_like(logits)
+        scale = (grad.float() / n) * valid  # [N]
+        for i in range(0, logits.shape[0], _CrossEntropyFunction.CHUNK):
+            sl = slice(i, i + _CrossEntropyFunction.CHUNK)
+            p = torch.exp(logits[sl].float() - lse[sl, None])  # softmax, recomputed
+            p.scatter_add_(1, safe[sl, None], -torch.ones_like(p[:, :1]))
+            dz[sl] = (p * scale[sl, None]).to(logits.dtype)
+        return dz, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`F.cross_entropy(logits.float(), targets)` (mean over rows, -100 ignored) with fp32 math but
+    activation memory in the logits' dtype; see `_CrossEntropyFunction`."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropyFunction.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets)
 
 
 class RMSNorm(nn.Module):
@@ -16,9 +91,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _rms_norm(x, self.weight, self.eps)[0]
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -18,14 +18,13 @@ This file is single-device: it never calls a collective. Parallelism is applied 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import NanoseekError
 from .attention import MLA, build_attention
 from .cache import LayerCache
-from .layers import MLP, Linear, RMSNorm
+from .layers import MLP, Linear, RMSNorm, cross_entropy
 from .moe import Experts, Gate, MoE
 from .rope import Rotary
 
@@ -36,8 +35,8 @@ def lm_cross_entropy(
     """(next-token CE of the main logits [B, T, V], [CE of each MTP depth]) in fp32; targets [B, T] are the next
     tokens, and depth k's logits at position i predict t_{i+k+1} = targets[:, i+k], i.e. targets[:, k:]."""
     V = main.shape[-1]
-    ce = F.cross_entropy(main.float().reshape(-1, V), targets.reshape(-1))
-    return ce, [F.cross_entropy(m.float().reshape(-1, V), targets[:, k + 1 :].reshape(-1)) for k, m in enumerate(mtps)]
+    ce = cross_entropy(main.reshape(-1, V), targets.reshape(-1))
+    return ce, [cross_entropy(m.reshape(-1, V), targets[:, k + 1 :].reshape(-1)) for k, m in enumerate(mtps)]
 
 
 class Block(nn.Module):
