@@ -13,6 +13,8 @@ not its speed (tokens/s are reported, and on CPU FP8 is slower). Measured:
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .common import (
@@ -31,6 +33,10 @@ from .common import (
 TITLE = "FP8 mixed precision: fine-grained vs per-tensor scaling against bf16"
 STEPS, QUICK_STEPS = 500, 3  # the issue and V3 compare relative loss error at 500+ steps
 ARMS = [("bf16", "bf16", None), ("fp8 block-wise", "fp8", "block"), ("fp8 tensor-wise", "fp8", "tensor")]
+# The control: fp32 against bf16 on the same seed and batches. A small model at a high learning rate amplifies
+# any rounding difference into a different trajectory; the control's "error" is that noise floor, to read the
+# FP8 arms against (not part of the goals).
+CONTROL = ("fp32 (control)", "fp32", None)
 
 
 def activation_bytes(settings: dict, granularity: str | None, batch: torch.Tensor) -> dict:
@@ -59,11 +65,12 @@ def run(opts: BenchOptions, report: Report) -> dict:
     settings = base_settings(opts, mtp_depth=0, steps=steps)
     settings["eval_every"] = opts.eval_every(steps, 4)
     runs = {}
-    for label, precision, gran in ARMS:
+    for label, precision, gran in [*ARMS, CONTROL]:
         kw = dict(settings, precision=precision)
         if gran:
             kw["fp8_granularity"] = gran
-        runs[label] = train_arm(opts, label.replace(" ", "_"), 0, keep=label == "bf16", **kw)
+        slug = label.replace(" (control)", "").replace(" ", "_")
+        runs[label] = train_arm(opts, slug, 0, keep=label == "bf16", **kw)
     batch = runs["bf16"].trainer.stream.next_batch(settings["batch_size"])
     runs["bf16"].trainer = None
     mem = {label: activation_bytes(settings, gran, batch) for label, _, gran in ARMS}
@@ -72,10 +79,17 @@ def run(opts: BenchOptions, report: Report) -> dict:
         return [s["loss"] for s in runs[label].steps if s["loss"] is not None]
 
     ref = smooth_tail(losses("bf16"))
-    rel = {label: abs(smooth_tail(losses(label)) - ref) / ref for label, _, _ in ARMS[1:]}
+    rel = {label: abs(smooth_tail(losses(label)) - ref) / ref for label, _, _ in [*ARMS[1:], CONTROL]}
+    ema_bf = ema(losses("bf16"), 0.9)
+    mean_abs = {  # |relative error| of the EMA(0.9) curves averaged over all steps: less luck than the end point
+        label: statistics.fmean(abs(a - b) / b for a, b in zip(ema(losses(label), 0.9), ema_bf))
+        for label, _, _ in [*ARMS[1:], CONTROL]
+    }
     result = {
         "rel_loss_error_blockwise": rel["fp8 block-wise"],
         "rel_loss_error_tensorwise": rel["fp8 tensor-wise"],
+        "rel_loss_error_fp32_control": rel[CONTROL[0]],
+        "mean_rel_loss_error": mean_abs,
         "activation_memory_ratio": mem["fp8 block-wise"]["bytes"] / mem["bf16"]["bytes"],
         "activation_memory_ratio_tensorwise": mem["fp8 tensor-wise"]["bytes"] / mem["bf16"]["bytes"],
         "activation_bytes": {k: v["bytes"] for k, v in mem.items()},
@@ -83,6 +97,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
         "tokens_per_s_bf16": runs["bf16"].summary["tokens_per_s"],
         "tokens_per_s_fp8_blockwise": runs["fp8 block-wise"].summary["tokens_per_s"],
         "tokens_per_s_fp8_tensorwise": runs["fp8 tensor-wise"].summary["tokens_per_s"],
+        "tokens_per_s_fp32": runs[CONTROL[0]].summary["tokens_per_s"],
         "val_loss": {k: r.summary["val_loss"] for k, r in runs.items()},
         "final_loss_smoothed": {k: smooth_tail(losses(k)) for k in runs},
         "steps": steps,
@@ -96,13 +111,16 @@ def run(opts: BenchOptions, report: Report) -> dict:
         "the same data order in every arm. FP8 is emulated exactly on CPU (E4M3 values, fp32 scales; "
         "activations 1x128, weights 128x128 for block-wise; one scale per tensor for tensor-wise); the "
         "embedding, head, gate, norms and attention core stay high precision, as in V3. Relative error of the "
-        "training loss averaged over the last 10% of steps."
+        "training loss averaged over the last 10% of steps, and of the EMA(0.9) curves averaged over all steps. "
+        "The fp32 arm is a control: its difference from bf16 is the noise floor of this comparison (a rounding "
+        "difference grows into a different trajectory), not a goal."
     )
     report.table(
         [
             "arm",
             "final train loss (last 10%)",
             "rel. error vs bf16",
+            "mean rel. error (EMA curves)",
             "val loss",
             "saved activations (MiB)",
             "vs bf16",
@@ -113,12 +131,13 @@ def run(opts: BenchOptions, report: Report) -> dict:
                 label,
                 result["final_loss_smoothed"][label],
                 rel.get(label, 0.0),
+                mean_abs.get(label, 0.0),
                 result["val_loss"][label],
-                mem[label]["bytes"] / 2**20,
-                mem[label]["bytes"] / mem["bf16"]["bytes"],
+                mem[label]["bytes"] / 2**20 if label in mem else None,
+                mem[label]["bytes"] / mem["bf16"]["bytes"] if label in mem else None,
                 runs[label].summary["tokens_per_s"],
             ]
-            for label, _, _ in ARMS
+            for label, _, _ in [*ARMS, CONTROL]
         ],
         title="Results",
     )
@@ -146,10 +165,10 @@ def run(opts: BenchOptions, report: Report) -> dict:
             rel["fp8 tensor-wise"] >= rel["fp8 block-wise"],
         ),
         goal(
-            "FP8 saved activations smaller than bf16",
+            "FP8 saved activations ≥ 30% below bf16 (fp8 / bf16 bytes)",
             result["activation_memory_ratio"],
-            "< 1",
-            result["activation_memory_ratio"] < 1,
+            "≤ 0.70",
+            result["activation_memory_ratio"] <= 0.70,
         ),
     ]
     report.text("## Goals\n\n" + goals_table(goals))
@@ -157,7 +176,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
     result["goals"] = goals
     bf = ema(losses("bf16"), 0.9)
     series = []
-    for label, _, _ in ARMS[1:]:
+    for label, _, _ in [*ARMS[1:], CONTROL]:
         fl = ema(losses(label), 0.9)  # the V3 report compares EMA(0.9)-smoothed loss curves
         series.append((label, list(range(1, len(fl) + 1)), [abs(a - b) / b for a, b in zip(fl, bf)]))
     report.plot(
