@@ -279,7 +279,8 @@ def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
     torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(norm.weight.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
 
-    _CrossEntropyFunction.CHUNK, chunk = 7, _CrossEntropyFunction.CHUNK  # several chunks, a ragged last one
+    chunk = _CrossEntropyFunction.CHUNK_ELEMENTS
+    _CrossEntropyFunction.CHUNK_ELEMENTS = 7 * 33  # several chunks of 7 rows, a ragged last one
     try:
         logits = (torch.randn(40, 33) * 4).to(dtype).requires_grad_()
         ref_logits = logits.detach().clone().requires_grad_()
@@ -290,11 +291,12 @@ def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
         with SavedTensorBytes() as ref:
             loss_ref = F.cross_entropy(ref_logits.float(), t)
         torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+        kept = logits.detach().clone()
         loss.backward()
         loss_ref.backward()
-        assert logits.grad.dtype == dtype
+        assert logits.grad.dtype == dtype and torch.equal(logits, kept)  # backward works on copies
         torch.testing.assert_close(logits.grad.float(), ref_logits.grad.float(), rtol=tol, atol=1e-3 * tol)
         if dtype == torch.bfloat16:
             assert mine.bytes < 0.6 * ref.bytes
     finally:
-        _CrossEntropyFunction.CHUNK = chunk
+        _CrossEntropyFunction.CHUNK_ELEMENTS = chunk

@@ -42,10 +42,15 @@ class _CrossEntropyFunction(torch.autograd.Function):
     """Mean cross-entropy over rows of `logits` [N, V] computed in fp32, keeping the logits in their own dtype
     (bf16 under autocast) plus one fp32 log-sum-exp per row for backward, instead of the fp32 log-probabilities
     `F.cross_entropy(logits.float())` keeps: half the bytes of the largest activation of a small model. Rows are
-    processed in chunks so that no full fp32 copy of the logits is ever materialised. Targets of -100 are
-    ignored, as in `F.cross_entropy`."""
+    processed in chunks of ~4M elements, so no full fp32 copy of the logits is ever materialised and each fp32
+    buffer stays small enough for the allocator to reuse. Targets of -100 are ignored, as in `F.cross_entropy`."""
 
-    CHUNK = 4096  # rows per fp32 chunk
+    CHUNK_ELEMENTS = 1 << 22
+
+    @staticmethod
+    def _chunks(logits: torch.Tensor):
+        rows = max(1, _CrossEntropyFunction.CHUNK_ELEMENTS // logits.shape[1])
+        return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -53,10 +58,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
         safe = targets.clamp_min(0)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         picked = torch.empty_like(lse)
-        for i in range(0, logits.shape[0], _CrossEntropyFunction.CHUNK):
-            z = logits[i : i + _CrossEntropyFunction.CHUNK].float()
-            lse[i : i + len(z)] = torch.logsumexp(z, -1)
-            picked[i : i + len(z)] = z.gather(1, safe[i : i + len(z), None]).squeeze(1)
+        for sl in _CrossEntropyFunction._chunks(logits):
+            z = logits[sl].float()
+            lse[sl] = torch.logsumexp(z, -1)
+            picked[sl] = z.gather(1, safe[sl, None]).squeeze(1)
         n = valid.sum()
         ctx.save_for_backward(logits, safe, valid, lse, n)
         return ((lse - picked) * valid).sum() / n
@@ -65,12 +70,10 @@ class _CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logits, safe, valid, lse, n = ctx.saved_tensors
         dz = torch.empty_like(logits)
-        scale = (grad.float() / n) * valid  # [N]
-        for i in range(0, logits.shape[0], _CrossEntropyFunction.CHUNK):
-            sl = slice(i, i + _CrossEntropyFunction.CHUNK)
-            p = torch.exp(logits[sl].float() - lse[sl, None])  # softmax, recomputed
-            p.scatter_add_(1, safe[sl, None], -torch.ones_like(p[:, :1]))
-            dz[sl] = (p * scale[sl, None]).to(logits.dtype)
+        scale = ((grad.float() / n) * valid)[:, None]  # [N, 1]
+        for sl in _CrossEntropyFunction._chunks(logits):
+            p = (logits[sl] - lse[sl, None]).exp_().mul_(scale[sl])  # fp32 (promoted) softmax, recomputed, scaled
+            dz[sl] = p.scatter_add_(1, safe[sl, None], -scale[sl])
         return dz, None
 
 
