@@ -69,6 +69,23 @@ MICRO = dict(
 )
 
 
+# the same micro model as `--override` flags, for tests that go through TrainConfig / `nanoseek train`
+TRAIN_OVERRIDES = [
+    "hidden_size=64",
+    "intermediate_size=128",
+    "num_hidden_layers=3",
+    "moe_intermediate_size=32",
+    "q_lora_rank=32",
+    "kv_lora_rank=16",
+    "qk_nope_head_dim=16",
+    "qk_rope_head_dim=8",
+    "v_head_dim=16",
+    "n_routed_experts=8",
+    "init_std=0.02",
+    "vocab_size=512",
+]
+
+
 def micro_config(**kw) -> ModelConfig:
     """A smaller-than-tiny config with every feature of `tiny` (MLA with q_lora, group-limited MoE, MTP), so
     that model-level tests stay fast; keyword arguments override fields."""
@@ -111,6 +128,15 @@ def corpus_dir(tmp_path_factory):
 def session_corpus_dir(tmp_path_factory):
     """One corpus shared by a module's session-scoped fixtures (e.g. the quick bench runs)."""
     return write_corpus(tmp_path_factory.mktemp("session-corpus"), 24, 240)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models gain nothing from a second thread, and on a shared machine it can stall them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -15,14 +15,7 @@ from nanoseek.cli import main
 from nanoseek.convert import convert
 from nanoseek.model import Transformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # micro models gain nothing from a second thread, and on a shared machine it can stall them
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN_OVERRIDES as SMALL
 
 from nanoseek import NanoseekError, get_preset
 from nanoseek.balance import LossFreeBalancer, batch_aux_loss, maxvio, seq_aux_loss
@@ -16,20 +17,6 @@ from nanoseek.model.moe import MoE
 from nanoseek.train import Trainer, lm_losses, train
 from nanoseek.train_config import TrainConfig
 
-SMALL = [
-    "hidden_size=64",
-    "intermediate_size=128",
-    "num_hidden_layers=3",
-    "moe_intermediate_size=32",
-    "q_lora_rank=32",
-    "kv_lora_rank=16",
-    "qk_nope_head_dim=16",
-    "qk_rope_head_dim=8",
-    "v_head_dim=16",
-    "n_routed_experts=8",
-    "init_std=0.02",
-    "vocab_size=512",
-]
 GOLDEN = Path(__file__).parent / "assets" / "golden_tiny.json"
 
 

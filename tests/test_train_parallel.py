@@ -4,14 +4,11 @@ of EP=2 and PP=2 runs equals the single-process run on the same global batch."""
 import json
 
 import pytest
+from conftest import TRAIN_OVERRIDES as SMALL
 
 from nanoseek.parallel.launch import run_local
 from nanoseek.train import train
 from nanoseek.train_config import TrainConfig
-
-SMALL = ["hidden_size=64", "intermediate_size=128", "num_hidden_layers=3", "moe_intermediate_size=32",
-         "q_lora_rank=32", "kv_lora_rank=16", "qk_nope_head_dim=16", "qk_rope_head_dim=8", "v_head_dim=16",
-         "n_routed_experts=8", "init_std=0.02", "vocab_size=512"]  # fmt: skip
 
 
 def cfg(out, corpus, **kw):
