@@ -290,6 +290,13 @@ class TokenStream:
     suffix of the current group, so the resumable state is tiny: where that group started, how many of its
     tokens were consumed, and its length as a check. `load_state_dict` re-reads and re-tokenises that one
     group (deterministic), which keeps checkpoints small however long documents or groups are.
+
+    `shuffle_rows` = W > 0 (train split): rows are served from windows of W consecutive rows, each window in a
+    seeded random order, so that a batch mixes text from across ~W·seq_len tokens (dozens of files) instead of
+    one or two files: contiguous batches drive the MoE's per-batch expert loads and the gradient by whatever
+    file is being read. Every row is still served exactly once per pass. The state stays small: the stream
+    position where the current window began, the window's number (its permutation seed) and how many of its
+    rows were served; resuming re-reads the window.
     """
 
     def __init__(
@@ -301,6 +308,7 @@ class TokenStream:
         seed: int = 0,
         split: str = "train",
         group_bytes: int = GROUP_BYTES,
+        shuffle_rows: int = 0,
     ):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
@@ -319,6 +327,13 @@ class TokenStream:
         self._consumed = 0
         self._dry_wraps = 0  # epochs passed without a single token: an empty corpus, not an infinite loop
         self.tokens_served = 0
+        if shuffle_rows < 0:
+            raise ValueError(f"shuffle_rows must be >= 0, not {shuffle_rows}")
+        self.shuffle_rows = shuffle_rows if split == "train" else 0
+        self._window: torch.Tensor | None = None  # [W, seq_len + 1] rows of the current window, in serving order
+        self._window_next = 0  # rows of the window already served
+        self._window_index = -1  # number of the current window (seeds its permutation)
+        self._window_start: dict[str, Any] | None = None  # stream state where the current window began
 
     def _source(self, epoch: int, k: int) -> Source:
         if not self._loop:
@@ -379,15 +394,55 @@ class TokenStream:
         self.tokens_served += len(out)
         return out
 
+    def _rows(self, n: int) -> torch.Tensor:
+        """The next n packed rows of the stream, [n, seq_len + 1]."""
+        rows = self._take(n * (self.seq_len + 1))
+        if len(rows) < n * (self.seq_len + 1):
+            raise NanoseekError(f"{self.corpus.name}: the {self.split} split ran out of tokens")
+        return torch.from_numpy(rows).view(n, self.seq_len + 1)
+
+    def _fill_window(self, index: int) -> None:
+        self._window_start = self._stream_state()
+        rows = self._rows(self.shuffle_rows)
+        g = torch.Generator().manual_seed(int(_hash01(f"{self.seed}:window:{index}") * 2**62))
+        self._window, self._window_next, self._window_index = rows[torch.randperm(len(rows), generator=g)], 0, index
+
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next [batch_size, seq_len + 1] LongTensor of packed token ids."""
-        rows = self._take(batch_size * (self.seq_len + 1))
-        if len(rows) < batch_size * (self.seq_len + 1):
-            raise NanoseekError(f"{self.corpus.name}: the {self.split} split ran out of tokens")
-        return torch.from_numpy(rows).view(batch_size, self.seq_len + 1)
+        if not self.shuffle_rows:
+            return self._rows(batch_size)
+        parts, need = [], batch_size
+        while need:
+            if self._window is None or self._window_next == len(self._window):
+                self._fill_window(self._window_index + 1)
+            take = min(need, len(self._window) - self._window_next)
+            parts.append(self._window[self._window_next : self._window_next + take])
+            self._window_next += take
+            need -= take
+        return torch.cat(parts)
 
     def state_dict(self) -> dict[str, Any]:
         """The exact stream position, as a small dict of ints and strings (safe to store in a checkpoint)."""
+        if self._window is None:
+            return {**self._stream_state(), "shuffle_rows": self.shuffle_rows}
+        window = {"index": self._window_index, "served": self._window_next}
+        return {**self._window_start, "shuffle_rows": self.shuffle_rows, "window": window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume exactly where `state_dict` was taken: the following batches are bit-identical."""
+        rows = int(state.get("shuffle_rows", 0))
+        if rows != self.shuffle_rows:
+            raise NanoseekError(
+                f"the checkpoint's data stream shuffles windows of {rows} rows, this run {self.shuffle_rows} "
+                "(--shuffle-rows must match to resume)"
+            )
+        self._load_stream_state(state)
+        self._window, self._window_next, self._window_index = None, 0, -1
+        if "window" in state:
+            self._fill_window(int(state["window"]["index"]))
+            self._window_next = int(state["window"]["served"])
+
+    def _stream_state(self) -> dict[str, Any]:
         return {
             "version": 1,
             "split": self.split,
@@ -400,8 +455,7 @@ class TokenStream:
             "tokens_served": self.tokens_served,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume exactly where `state_dict` was taken: the following batches are bit-identical."""
+    def _load_stream_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != 1 or state.get("split") != self.split:
             raise NanoseekError(f"data state in checkpoint is not a version-1 {self.split} stream state")
         if state["corpus_id"] != self._corpus_id:

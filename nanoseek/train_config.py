@@ -35,6 +35,7 @@ class TrainConfig:
     tokenizer: str | None = _f(None, "an existing tokenizer.json (default: a BPE trained on the corpus, cached)")
     seq_len: int = _f(256, "tokens per sequence")
     batch_size: int = _f(16, "sequences per micro-batch")
+    shuffle_rows: int = _f(4096, "serve training rows from shuffled windows of this many rows (0: in file order)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     # optimisation (V3: AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then cosine)
     steps: int = _f(400, "optimizer steps")
@@ -155,6 +156,8 @@ def validate(tc: TrainConfig) -> None:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(tc, name)}")
     if tc.lr <= 0:
         bad(f"--lr must be > 0, got {tc.lr}")
+    if tc.shuffle_rows < 0:
+        bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
     if tc.eval_tokens < tc.seq_len + 1:
         bad(f"--eval-tokens {tc.eval_tokens} must cover at least one sequence of --seq-len + 1 = {tc.seq_len + 1}")
     if tc.mtp_weight < 0 or tc.mtp_weight_late < 0:

@@ -123,10 +123,10 @@ def run(opts: BenchOptions, report: Report) -> dict:
         f"sigmoid gate), no MTP, bf16. {steps} steps x {B}x{T} tokens ({results[0]['tokens']:,} tokens) per arm, "
         f"{n_seeds} seed(s), same data order per seed. MaxVio_global over {results[0]['val_tokens']:,} "
         f"validation tokens, averaged over the MoE layers. The loss-free arms use no balance loss at all. "
-        f"MaxVio_batch sampling floor at {B * T} tokens/batch: {floor:.3f}. Batches are drawn at random from a "
-        f"buffer of {SHUFFLE_ROWS} packed rows (~1M tokens from dozens of files): the packer serves text "
-        "contiguously, and a 2048-token batch straight from it is one or two files, whose content then drives "
-        "the per-batch expert load (the papers' batches are i.i.d. sequences)."
+        f"MaxVio_batch sampling floor at {B * T} tokens/batch: {floor:.3f}. Batches are drawn from shuffled windows "
+        f"of {SHUFFLE_ROWS} packed rows (`--shuffle-rows`, ~1M tokens from dozens of files): the packer serves "
+        "text contiguously, and a 2048-token batch straight from it is one or two files, whose content then "
+        "drives the per-batch expert load (the papers' batches are i.i.d. sequences)."
     )
     report.table(
         ["arm", "val loss", "± sd", "MaxVio_global", "± sd", "MaxVio_batch (last 10%)", "tok/s"],

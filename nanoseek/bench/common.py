@@ -156,29 +156,7 @@ class Arm:
     trainer: object | None = None  # the live Trainer (model included) when kept
 
 
-class RowShuffler:
-    """Serve batches of rows drawn at random from a buffer of `rows` packed rows of the trainer's stream.
-
-    The stream packs documents contiguously, so one batch of a few thousand tokens usually comes from one
-    or two files; a batch drawn from the buffer mixes rows from dozens of files, like the i.i.d. batches of
-    the papers. Deterministic per seed; every arm with the same seed sees the same batches.
-    """
-
-    def __init__(self, next_batch: Callable[[int], torch.Tensor], rows: int, seed: int):
-        self.next_batch, self.size = next_batch, rows
-        self.gen = torch.Generator().manual_seed(10_000 + seed)
-        self.pool = next_batch(rows)
-
-    def __call__(self, batch_size: int) -> torch.Tensor:
-        pick = torch.randperm(len(self.pool), generator=self.gen)[:batch_size]
-        out = self.pool[pick]
-        keep = torch.ones(len(self.pool), dtype=torch.bool)
-        keep[pick] = False
-        self.pool = torch.cat([self.pool[keep], self.next_batch(batch_size)])
-        return out
-
-
-SHUFFLE_ROWS = 4096  # full runs: batches drawn from ~1M buffered tokens (dozens of files)
+SHUFFLE_ROWS = 4096  # full runs: batches drawn from windows of ~1M tokens (dozens of files), `--shuffle-rows`
 ARM_FILE = "bench_arm.json"  # written next to a finished arm's metrics: its settings and summary (for --reuse)
 
 
@@ -204,7 +182,7 @@ def train_arm(
     """Train one arm with `nanoseek.train` into OUT/runs/NAME-sSEED; returns its summary and metrics.
 
     Checkpoints are written once, at the end. `keep=True` returns the live trainer (its model) too.
-    `shuffle_rows > 0` feeds the trainer batches drawn from a buffer of that many rows (`RowShuffler`);
+    `shuffle_rows` is the trainer's `--shuffle-rows` (batches drawn from shuffled windows of that many rows);
     the default is SHUFFLE_ROWS for full runs and 8 rows for --quick ones.
     """
     if shuffle_rows is None:
@@ -224,17 +202,16 @@ def train_arm(
         save_every=steps,
         keep_last=1,
         threads=opts.threads,
+        shuffle_rows=shuffle_rows,
     )
     tc = TrainConfig(**{**base, **settings})
-    record = {"train_config": _comparable(tc.to_dict()), "shuffle_rows": shuffle_rows}
+    record = {"train_config": _comparable(tc.to_dict())}
     summary = _finished_run(run, record) if opts.reuse else None
     if summary is not None:
         log(f"  {name} seed {seed}: reusing the finished run in {run}")
         trainer = Trainer(dataclasses.replace(tc, resume="latest")) if keep else None
     else:
         trainer = Trainer(tc)
-        if shuffle_rows:
-            trainer.stream.next_batch = RowShuffler(trainer.stream.next_batch, shuffle_rows, seed)
         t0 = time.perf_counter()
         summary = trainer.fit()
         summary["wall_seconds"] = time.perf_counter() - t0
