@@ -27,7 +27,6 @@ from .common import (
     Report,
     base_settings,
     goal,
-    goals_table,
     log,
     mean_std,
     plot_bars,
@@ -228,8 +227,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
             all(mla["kv_bytes_per_token"] < r["kv_bytes_per_token"] for r in results if r is not mla),
         ),
     ]
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     report.plot(
         plot_lines(
             opts.out / "attention_val_loss.png",

@@ -28,7 +28,6 @@ from .common import (
     base_settings,
     ema,
     goal,
-    goals_table,
     log,
     mean_std,
     plot_lines,
@@ -171,8 +170,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
                 all(lf["val_loss"] <= r["val_loss"] for r in aux),
             ),
         ]
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     report.plot(
         plot_lines(
             opts.out / "maxvio_batch.png",

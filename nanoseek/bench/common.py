@@ -308,6 +308,12 @@ class Report:
             print((f"\n{title}\n" if title else "\n") + t, flush=True)
         return t
 
+    def goals(self, goals: Sequence[dict]) -> None:
+        """The "Goals" section (`goal(...)` rows), also printed."""
+        t = goals_table(goals)
+        self.parts.append("## Goals\n\n" + t + "\n")
+        print("\n" + t, flush=True)
+
     def plot(self, path: Path | None, caption: str = "") -> None:
         if path is None:
             return

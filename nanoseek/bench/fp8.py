@@ -23,7 +23,6 @@ from .common import (
     base_settings,
     ema,
     goal,
-    goals_table,
     log,
     plot_lines,
     smooth_tail,
@@ -171,8 +170,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
             result["activation_memory_ratio"] <= 0.70,
         ),
     ]
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     result["goals"] = goals
     bf = ema(losses("bf16"), 0.9)
     series = []

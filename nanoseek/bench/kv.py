@@ -14,7 +14,7 @@ import torch
 
 from ..config import get_preset
 from ..model.attention import build_attention
-from .common import BenchOptions, Report, goal, goals_table, plot_bars
+from .common import BenchOptions, Report, goal, plot_bars
 
 TITLE = "KV cache per token: MHA vs GQA vs MQA vs MLA"
 PRESETS = ("v3", "v2-lite", "small")
@@ -146,7 +146,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
             all(r["model_matches_formula"] for r in rows),
         ),
     ]
-    report.text("## Goals\n\n" + goals_table(goals))
+    report.goals(goals)
     labels = ["MHA", "GQA", "MQA", "MLA"]
     bars = {
         lab: [

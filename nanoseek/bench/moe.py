@@ -24,7 +24,6 @@ from .common import (
     base_settings,
     fmt,
     goal,
-    goals_table,
     log,
     mean_std,
     plot_lines,
@@ -258,8 +257,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
                 None if d is None or m is None else m <= d,
             )
         )
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     report.plot(
         plot_lines(
             opts.out / "moe_loss_vs_flops.png",

@@ -21,7 +21,7 @@ import torch
 from ..balance import capture_router
 from ..engine import Engine
 from ..model import Transformer
-from .common import BenchOptions, Report, base_settings, goal, goals_table, log, mean_std, plot_lines, train_arm
+from .common import BenchOptions, Report, base_settings, goal, log, mean_std, plot_lines, train_arm
 
 TITLE = "Multi-token prediction: quality, acceptance rate and speculative decoding"
 STEPS, QUICK_STEPS = 300, 4
@@ -193,8 +193,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
         ),
         goal("speculative speed-up > 1", result["speculative_speedup"], "> 1", result["speculative_speedup"] > 1),
     ]
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     result["goals"] = goals
     series = []
     for label, runs in arms.items():

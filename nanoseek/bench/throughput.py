@@ -36,7 +36,6 @@ from .common import (
     Report,
     gemm_gflops,
     goal,
-    goals_table,
     log,
     median,
     overrides,
@@ -407,8 +406,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
                     r["gemm_peak_fraction"] >= 0.35,
                 )
             )
-    report.text("## Goals\n\n" + goals_table(goals))
-    print("\n" + goals_table(goals))
+    report.goals(goals)
     groups = [f"{r['preset']} {r['precision']}" for r in results]
     report.plot(
         plot_bars(
