@@ -94,8 +94,14 @@ def lr_lambda(tc: TrainConfig):
 # --- losses --------------------------------------------------------------------------------------------------
 def lm_losses(model: Transformer, x: torch.Tensor, y: torch.Tensor, use_mtp: bool):
     """(main next-token CE, [CE of each MTP depth]). MTP depth k at position i predicts t_{i+k+1} = y[:, i+k]."""
-    main, mtps = model.forward_mtp(x) if use_mtp else (model(x), [])
+    main, mtps = model(x, mtp=True) if use_mtp else (model(x), [])  # via forward: DDP hooks it
     return lm_cross_entropy(main, mtps, y)
+
+
+def mtp_only_params(model: Transformer) -> list[torch.nn.Parameter]:
+    """The MTP modules' own parameters (not the embedding/head they share with the main model)."""
+    main = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("mtp.")}
+    return [p for p in model.mtp.parameters() if id(p) not in main]
 
 
 class Trainer:
@@ -151,6 +157,8 @@ class Trainer:
 
             convert_to_fp8(self.model, granularity=tc.fp8_granularity)
         self.model.train()
+        # what forward/backward run through: DDP when there are data-parallel peers (and no pipeline)
+        self.train_model = self.plan.data_parallel(self.model, ignore=[] if self.use_mtp else mtp_only_params(core))
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tc))
         default_seq = 1e-4 if tc.balance == "loss-free" else 0.0
@@ -199,21 +207,25 @@ class Trainer:
         return self.tc.mtp_weight_late if late else self.tc.mtp_weight
 
     # --- one optimizer step ----------------------------------------------------------------------------------
-    def _micro_batch(self, x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, float, float, float]:
-        """Forward + backward of one micro-batch: (total loss, main CE, mean MTP CE, balance loss)."""
+    def _micro_batch(
+        self, x: torch.Tensor, y: torch.Tensor, lam: float, last: bool = True
+    ) -> tuple[torch.Tensor, float, float, float]:
+        """Forward + backward of one micro-batch: (total loss, main CE, mean MTP CE, balance loss). Gradients
+        are communicated during the `last` micro-batch's backward only."""
         if self.plan.pp > 1:  # the pipeline schedule runs forward and backward over its own micro-batches
             self.model.mtp_weight = lam
             with self.autocast():
                 total = self.plan.train_step(self.model, x, y)
             return total, self.model.last_parts["loss"], self.model.last_parts["mtp_loss"], 0.0
-        with self.autocast():
-            loss, mtp = self.forward(self.model, x, y, self.use_mtp)
-            total = loss + lam * torch.stack(mtp).mean() if mtp else loss
-            aux = router_losses(self.model, self.seq_alpha, self.batch_alpha)
-            if aux is not None:
-                total = total + aux
-        # backward even when the loss is NaN: expert-parallel peers wait for this rank in the all-to-alls
-        (total / self.tc.grad_accum).backward()
+        with self.plan.accumulate(self.train_model, sync=last):
+            with self.autocast():
+                loss, mtp = self.forward(self.train_model, x, y, self.use_mtp)
+                total = loss + lam * torch.stack(mtp).mean() if mtp else loss
+                aux = router_losses(self.model, self.seq_alpha, self.batch_alpha)
+                if aux is not None:
+                    total = total + aux
+            # backward even when the loss is NaN: expert-parallel peers wait for this rank in the all-to-alls
+            (total / self.tc.grad_accum).backward()
         mtp_mean = torch.stack(mtp).mean().item() if mtp else 0.0
         return total.detach(), loss.item(), mtp_mean, aux.item() if aux is not None else 0.0
 
@@ -223,10 +235,10 @@ class Trainer:
         lam = self.mtp_weight()
         sums = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         finite = True
-        for _ in range(tc.grad_accum):
+        for i in range(tc.grad_accum):
             # every rank draws the same global batch and keeps its data-parallel slice
             batch = plan.shard_batch(self.stream.next_batch(tc.batch_size * plan.data_world))
-            total, *parts = self._micro_batch(batch[:, :-1], batch[:, 1:], lam)
+            total, *parts = self._micro_batch(batch[:, :-1], batch[:, 1:], lam, last=i == tc.grad_accum - 1)
             finite = finite and bool(torch.isfinite(total))
             for k, v in zip(sums, parts):
                 sums[k] += v / tc.grad_accum

@@ -44,7 +44,7 @@ def batch(n: int, T: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tenso
 
 
 def mtp_loss(model, x, y):
-    main, mtps = model.forward_mtp(x)
+    main, mtps = model(x, mtp=True)  # through forward, so that a DDP wrapper sees it
     return lm_loss((main, *mtps), y, MTP_WEIGHT)[0]
 
 
@@ -69,10 +69,14 @@ def spawn(fn, world: int = 2, *args):
 
 
 # ---------------------------------------------------------------------------------- expert parallel
-def _ep_run(model, plan, x, y, max_norm=0.05):
+def _ep_run(model, plan, x, y, max_norm=0.05, ddp=False):
+    """ddp: run forward/backward through `plan.data_parallel` (DDP + async expert hooks), as training does;
+    else the bucketed all-reduce after backward (the pipeline's path)."""
     w = plan.wrap(copy.deepcopy(model))
+    run = plan.data_parallel(w) if ddp else w
+    assert isinstance(run, torch.nn.parallel.DistributedDataParallel) == (ddp and plan.data_world > 1)
     xs, ys = plan.shard_batch(x), plan.shard_batch(y)
-    loss = mtp_loss(w, xs, ys)
+    loss = mtp_loss(run, xs, ys)
     loss.backward()
     plan.sync_grads(w)
     loss = plan.mean_over_data(loss)
@@ -291,21 +295,23 @@ def test_split_layers():
 
 
 # ------------------------------------------------------------------------------------- data parallel
-def _dp_worker(rank, world, ep):
+def _dp_worker(rank, world, ep, modes):
     model = build_model()
     x, y = batch(8)
     ref_loss, ref_grads, ref_norm, ref_state = reference(model, x, y)
     plan = ParallelPlan(ep=ep)
     assert (plan.dp, plan.ep, plan.data_world) == (world // ep, ep, world)
-    w, loss, grads, norm = _ep_run(model, plan, x, y)
-    tag = f"dp={plan.dp} ep={ep}"
-    close(torch.tensor(loss, dtype=torch.float64), ref_loss.double(), f"{tag} loss")
-    close(norm, ref_norm, f"{tag} grad norm")
-    for n, g in grads.items():
-        close(g, ref_grads[n], f"{tag} grad {n}")
-    state = plan.full_state_dict(w)
-    for n, v in state.items():
-        close(v, ref_state[n], f"{tag} weight {n} after SGD")
+    for ddp in modes:
+        w, loss, grads, norm = _ep_run(model, plan, x, y, ddp=ddp)
+        tag = f"dp={plan.dp} ep={ep} ddp={ddp}"
+        close(torch.tensor(loss, dtype=torch.float64), ref_loss.double(), f"{tag} loss")
+        close(norm, ref_norm, f"{tag} grad norm")
+        assert grads.keys() == ref_grads.keys()
+        for n, g in grads.items():
+            close(g, ref_grads[n], f"{tag} grad {n}")
+        state = plan.full_state_dict(w)
+        for n, v in state.items():
+            close(v, ref_state[n], f"{tag} weight {n} after SGD")
     # the loss-free balancer must see the global batch's routing counts
     counts = [m.tokens_per_expert.clone() for m in w.moe_layers()]
     plan.reduce_counts(w)
@@ -318,13 +324,15 @@ def _dp_worker(rank, world, ep):
 
 def test_data_parallel_matches_doubled_batch():
     """DP=2, each rank half of an 8-sequence batch == single process on all 8: loss, grads, norm, weights after
-    an SGD step; routing counts summed over ranks."""
-    spawn(_dp_worker, 2, 1)
+    an SGD step, through DistributedDataParallel and through the bucketed all-reduce; routing counts summed
+    over ranks."""
+    spawn(_dp_worker, 2, 1, (True, False))
 
 
 def test_expert_and_data_parallel_compose():
-    """EP=2 x DP=2 on 4 ranks: same checks (expert grads averaged over the DP ranks with the same experts)."""
-    spawn(_dp_worker, 4, 2)
+    """EP=2 x DP=2 on 4 ranks, through DDP: same checks (expert grads averaged over the DP ranks with the same
+    experts by the async hooks, the rest by DDP over all four ranks)."""
+    spawn(_dp_worker, 4, 2, (True,))
 
 
 def test_comm_bench_quick():

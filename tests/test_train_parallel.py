@@ -1,5 +1,5 @@
 """`nanoseek train` under torch.distributed (forked gloo ranks, as torchrun would start them): the loss curve
-of EP=2 and PP=2 runs equals the single-process run on the same global batch."""
+of EP=2, DP=2 and PP=2 runs equals the single-process run on the same global batch."""
 
 import json
 
@@ -44,6 +44,7 @@ def records(run):
     "kw,single_batch",
     [
         (dict(ep=2, batch_size=2), 4),  # EP=2 also splits the data: 2 ranks x 2 rows == 4 rows on one process
+        (dict(batch_size=1, grad_accum=2), 4),  # DP=2 (DDP, no_sync on the first micro-batch): 2 x 2 x 1 rows
         (dict(pp=2, pp_schedule="dualpipev"), 4),
         (dict(pp=2, pp_schedule="1f1b"), 4),
     ],

@@ -135,6 +135,8 @@ def _autotune_cpu(E: int, d: int, I: int, M: int, dtype: torch.dtype) -> str:
 
 
 def choose_impl(impl: str, xs: torch.Tensor, w13: torch.Tensor) -> str:
+    if impl in ("auto", "grouped_mm") and torch.compiler.is_compiling() and xs.dtype != torch.bfloat16:
+        return "bmm"  # torch 2.13's meta kernel of _grouped_mm (what compile traces) accepts only bf16
     if impl != "auto":
         return impl if (impl != "grouped_mm" or HAS_GROUPED_MM) else "bmm"
     if not HAS_GROUPED_MM:

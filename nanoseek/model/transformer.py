@@ -179,8 +179,12 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
-    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
-        """tokens [B, T] -> main-model logits [B, T, vocab]. Keywords as in `hidden`."""
+    def forward(self, tokens: torch.Tensor, mtp: bool = False, **kw):
+        """tokens [B, T] -> main-model logits [B, T, vocab]. Keywords as in `hidden`. With `mtp=True`, the
+        training forward of `forward_mtp` instead: going through `forward` lets a wrapper that hooks it
+        (DistributedDataParallel) see the MTP modules' parameters used."""
+        if mtp:
+            return self.forward_mtp(tokens)
         h = self.hidden(tokens, **kw)
         return self.logits(h) if self.lm_head is not None else h
 

@@ -7,12 +7,14 @@ of the W = dp * ep local losses. Hence, after `loss.backward()`:
   * an expert shard already holds the sum over its EP group of every rank's contribution (the backward of
     the all-to-all brought them home): sum over the dp ranks that hold the same experts, divide by W.
 
-This is DDP's semantics (averaged gradients, replicated weights and optimizer states), implemented with
-bucketed `all_reduce`s after backward instead of `DistributedDataParallel` or FSDP2 `fully_shard`: those
-wrap one module with one process group and hook its `forward`, while here the experts need a different
-group than the rest, the training loop calls `forward_mtp`, the pipeline runs stage modules, and plain
-tensors keep gradient clipping, the routing-bias update and checkpoints unchanged. The cost is no overlap
-of the gradient all-reduce with backward and no sharding of optimizer states (V3 uses ZeRO-1).
+Without pipeline parallelism (`data_parallel`): `DistributedDataParallel` over the dp x ep ranks does the
+first, bucketed and overlapped with backward (its hooks start a bucket's all-reduce as soon as the bucket's
+gradients are ready); the expert shards are hidden from it (`_ddp_params_and_buffers_to_ignore`: they need
+the dp group, not the dp x ep one) and `ExpertGradSync` all-reduces each one asynchronously from a
+post-accumulate-grad hook, so they overlap with the rest of backward too. Under pipeline parallelism the
+stage modules are run by the schedule and the tied embedding may sit in two stages of one rank, so
+`sync_grads` does the same arithmetic with bucketed `all_reduce`s after the schedule's backward. Either way
+the weights and optimizer states stay replicated (no ZeRO sharding).
 
 `clip_grad_norm_` computes the norm of the *global* gradient: replicated parameters once, expert shards
 summed over the EP group, stages summed over the PP group, mirrored (tied) copies excluded.
@@ -20,11 +22,13 @@ summed over the EP group, stages summed over the PP group, mirrored (tied) copie
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..model.moe import MoE
 from .ep import ExpertParallel
@@ -127,3 +131,61 @@ def reduce_counts(module: nn.Module, group) -> None:
     dist.all_reduce(flat, group=group)
     for m, c in zip(layers, flat.split([m.tokens_per_expert.numel() for m in layers])):
         m.tokens_per_expert.copy_(c)
+
+
+# --- DistributedDataParallel for the replicated parameters, async hooks for the expert shards ---------------
+class ExpertGradSync:
+    """Averages the expert-parallel shards' gradients over the dp ranks holding the same experts, each one
+    all-reduced asynchronously as soon as backward has accumulated it (while backward continues with earlier
+    layers). `armed` selects the backward that communicates (the last micro-batch of a step, as DDP's
+    `no_sync`); `finish` waits and scales by 1 / W."""
+
+    def __init__(self, module: nn.Module, dp_group, width: int):
+        self.params = split_params(module)[1]
+        self.group, self.scale = dp_group, 1.0 / width
+        self.size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.armed = True
+        self.pending: dict[int, dist.Work] = {}
+        if self.size > 1:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if self.armed:
+            self.pending[id(p)] = dist.all_reduce(p.grad, group=self.group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for p in self.params:
+            work = self.pending.pop(id(p), None)
+            if work is not None:
+                work.wait()
+            elif self.size > 1:  # no gradient this step (or the hook did not fire): still a collective
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, group=self.group)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.mul_(self.scale)
+
+
+def ddp(module: nn.Module, data_group, ignore: Iterable[nn.Parameter] = ()) -> DistributedDataParallel:
+    """Wrap `module` in DDP over `data_group` (the dp x ep ranks), hiding the expert shards and `ignore`
+    (parameters that get no gradient in this run, e.g. MTP modules trained with weight 0) from it. The
+    routing buffers are not broadcast per forward: the counts are per rank until `reduce_counts`, and the
+    bias is updated identically everywhere from the reduced counts."""
+    skip = {id(p) for p in split_params(module)[1]} | {id(p) for p in ignore}
+    names = [n for n, p in module.named_parameters() if id(p) in skip]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    return DistributedDataParallel(module, process_group=data_group, broadcast_buffers=False)
+
+
+@contextlib.contextmanager
+def accumulate(wrapped: nn.Module, experts: ExpertGradSync | None, sync: bool) -> Iterator[None]:
+    """Forward + backward of one micro-batch; with `sync=False` (all but the last micro-batch of a step)
+    gradients only accumulate locally, without communication."""
+    ctx = wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) and not sync else contextlib.nullcontext()
+    if experts is not None:
+        experts.armed = sync
+    with ctx:
+        yield

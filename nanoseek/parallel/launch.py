@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import NanoseekError
 from . import dp as dp_mod
@@ -75,6 +76,7 @@ class ParallelPlan:
         self.mesh = self.pp_group = self.ep_group = self.dp_group = self.data_group = None
         self.pp_rank, self.dp_rank, self.ep_rank = 0, 0, 0
         self.tied_group = None
+        self._experts: dict[int, dp_mod.ExpertGradSync] = {}  # id(model) -> its hooks, for data_parallel
         # where small collective tensors live: NCCL only moves CUDA tensors, gloo is used on CPU
         nccl = self.distributed and dist.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -126,6 +128,24 @@ class ParallelPlan:
             return pipe
         return model
 
+    def data_parallel(self, model: nn.Module, ignore: list[nn.Parameter] | None = None) -> nn.Module:
+        """The module to run forward/backward through: `DistributedDataParallel` over the dp x ep ranks
+        (expert shards averaged over dp by async hooks, `dp.ExpertGradSync`) when this rank has data-parallel
+        peers and no pipeline, else `model` itself. Call after `wrap` (and FP8 conversion); keep using `model`
+        for everything else (optimizer, checkpoints, evaluation). `ignore`: parameters without a gradient in
+        this run (DDP would wait for them forever)."""
+        if not self.distributed or self.data_world == 1 or self.pp > 1:
+            return model
+        wrapped = dp_mod.ddp(model, self.data_group, ignore or [])
+        self._experts[id(model)] = dp_mod.ExpertGradSync(model, self.dp_group, self.data_world)
+        return wrapped
+
+    def accumulate(self, wrapped: nn.Module, sync: bool = True):
+        """Context for one micro-batch's forward + backward; `sync=False` for all but the last of a step
+        (DDP's `no_sync`; the expert hooks stay quiet too)."""
+        inner = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+        return dp_mod.accumulate(wrapped, self._experts.get(id(inner)), sync)
+
     def shard_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (the same on every rank): one slice per (dp, ep) rank."""
         if self.data_world == 1:
@@ -144,10 +164,13 @@ class ParallelPlan:
         return wrapped.eval_step(tokens, targets)
 
     def sync_grads(self, wrapped: nn.Module) -> None:
-        """After backward, before clipping: tied embedding (PP) and data-parallel gradient averaging."""
+        """After backward, before clipping: tied embedding (PP) and data-parallel gradient averaging (the rest
+        of it, after `data_parallel`). Pass the model, not the DDP wrapper."""
         if isinstance(wrapped, Pipeline):
             wrapped.sync_tied_grads()
-        if self.distributed:
+        if id(wrapped) in self._experts:  # DDP averaged the replicated parameters during backward
+            self._experts[id(wrapped)].finish()
+        elif self.distributed:
             dp_mod.sync_grads(wrapped, self.data_group, self.dp_group, self.data_world)
 
     def clip_grad_norm_(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
