@@ -279,6 +279,9 @@ def _jsonl_text(raw: bytes, src: Source, line: int) -> str:
     return text
 
 
+WINDOW_CHUNK = 1024  # rows read at a time while filling a shuffle window
+
+
 class TokenStream:
     """Packs a corpus split into rows of seq_len + 1 tokens: row[:-1] are the inputs, row[1:] the targets.
 
@@ -291,12 +294,12 @@ class TokenStream:
     tokens were consumed, and its length as a check. `load_state_dict` re-reads and re-tokenises that one
     group (deterministic), which keeps checkpoints small however long documents or groups are.
 
-    `shuffle_rows` = W > 0 (train split): rows are served from windows of W consecutive rows, each window in a
-    seeded random order, so that a batch mixes text from across ~W·seq_len tokens (dozens of files) instead of
-    one or two files: contiguous batches drive the MoE's per-batch expert loads and the gradient by whatever
-    file is being read. Every row is still served exactly once per pass. The state stays small: the stream
-    position where the current window began, the window's number (its permutation seed) and how many of its
-    rows were served; resuming re-reads the window.
+    `shuffle_rows` = W > 0 (train split): rows are served from windows of W consecutive rows (fewer when an
+    epoch ends first), each window in a seeded random order, so that a batch samples ~W·seq_len tokens of text
+    instead of one or two files: contiguous batches drive the MoE's expert loads (and the routing bias that
+    follows them) and the gradient by whatever file is being read. Every row is still served exactly once per
+    pass. The state stays small: the stream position where the current window began, the window's number (its
+    permutation seed) and how many of its rows were served; resuming re-reads the window.
     """
 
     def __init__(
@@ -402,10 +405,18 @@ class TokenStream:
         return torch.from_numpy(rows).view(n, self.seq_len + 1)
 
     def _fill_window(self, index: int) -> None:
+        """Read the next window: W rows, or fewer when the stream wraps into a new epoch first (a small corpus
+        then gets one window per epoch instead of re-reading itself many times over)."""
         self._window_start = self._stream_state()
-        rows = self._rows(self.shuffle_rows)
+        epoch, parts, need = self._pos[0], [], self.shuffle_rows
+        while need > 0 and self._pos[0] == epoch:
+            parts.append(self._rows(min(need, WINDOW_CHUNK)))
+            need -= len(parts[-1])
+        rows = torch.cat(parts)
         g = torch.Generator().manual_seed(int(_hash01(f"{self.seed}:window:{index}") * 2**62))
-        self._window, self._window_next, self._window_index = rows[torch.randperm(len(rows), generator=g)], 0, index
+        # int32 halves the window's memory (token ids < 2^31); batches are handed out as int64
+        perm = torch.randperm(len(rows), generator=g)
+        self._window, self._window_next, self._window_index = rows[perm].to(torch.int32), 0, index
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
         """The next [batch_size, seq_len + 1] LongTensor of packed token ids."""
@@ -419,7 +430,7 @@ class TokenStream:
             parts.append(self._window[self._window_next : self._window_next + take])
             self._window_next += take
             need -= take
-        return torch.cat(parts)
+        return torch.cat(parts).long()
 
     def state_dict(self) -> dict[str, Any]:
         """The exact stream position, as a small dict of ints and strings (safe to store in a checkpoint)."""

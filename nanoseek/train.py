@@ -172,7 +172,7 @@ class Trainer:
         self.balancer.attach(self.optimizer)
         self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
 
-        self.stream = TokenStream(self.corpus, self.tok, tc.seq_len, seed=tc.seed, shuffle_rows=tc.shuffle_rows)
+        self.stream = TokenStream(self.corpus, self.tok, tc.seq_len, seed=tc.seed, shuffle_rows=tc.window_rows())
         self.val = val_batches(self.corpus, self.tok, tc.seq_len, tc.batch_size, tc.eval_tokens)
         self.step = 0
         self.tokens_seen = 0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import NanoseekError
 
+SHUFFLE_TOKENS = 1 << 23  # default --shuffle-rows window, in tokens
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -35,7 +37,11 @@ class TrainConfig:
     tokenizer: str | None = _f(None, "an existing tokenizer.json (default: a BPE trained on the corpus, cached)")
     seq_len: int = _f(256, "tokens per sequence")
     batch_size: int = _f(16, "sequences per micro-batch")
-    shuffle_rows: int = _f(4096, "serve training rows from shuffled windows of this many rows (0: in file order)")
+    shuffle_rows: int | None = _f(
+        None,
+        "serve training rows from shuffled windows of this many rows (default: 2^23 tokens' worth, "
+        "2^23 // (seq_len + 1) rows; 0: in file order)",
+    )
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     # optimisation (V3: AdamW 0.9/0.95, wd 0.1, clip 1.0, warmup then cosine)
     steps: int = _f(400, "optimizer steps")
@@ -88,6 +94,12 @@ class TrainConfig:
 
     def resolved_out(self) -> Path:
         return Path(self.out or f"runs/{self.preset}")
+
+    def window_rows(self) -> int:
+        """`--shuffle-rows`, resolved. The default window holds ~8M tokens whatever the sequence length (the
+        whole standard-library corpus, ~32 MiB as int32): batches drawn from a window of dozens of files
+        still carry its content, which the loss-free routing bias then tracks (BENCHMARKS.md, balance)."""
+        return self.shuffle_rows if self.shuffle_rows is not None else max(1, SHUFFLE_TOKENS // (self.seq_len + 1))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,7 +168,7 @@ def validate(tc: TrainConfig) -> None:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(tc, name)}")
     if tc.lr <= 0:
         bad(f"--lr must be > 0, got {tc.lr}")
-    if tc.shuffle_rows < 0:
+    if tc.shuffle_rows is not None and tc.shuffle_rows < 0:
         bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
     if tc.eval_tokens < tc.seq_len + 1:
         bad(f"--eval-tokens {tc.eval_tokens} must cover at least one sequence of --seq-len + 1 = {tc.seq_len + 1}")

@@ -365,3 +365,21 @@ def test_val_batches(tok, tmp_path):
     assert sum(x.numel() for x in everything) == len(expected) // 16 * 16
     with pytest.raises(NanoseekError, match="less than one row"):
         val_batches(corpus, tok, seq_len=10**6, batch_size=1, max_tokens=10**7)
+
+
+def test_shuffle_window_stops_at_the_epoch_end(tok, tmp_path):
+    """A window larger than the corpus holds about one epoch (it stops once the stream wraps), not the corpus
+    re-read many times over; its rows are still the plain stream's first rows, permuted, stored as int32."""
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=4)))
+    big = TokenStream(corpus, tok, seq_len=31, seed=5, group_bytes=500, shuffle_rows=10**6)
+    first = big.next_batch(2)
+    n = len(big._window)
+    plain = TokenStream(corpus, tok, seq_len=31, seed=5, group_bytes=500)
+    epoch_rows = 0
+    while plain._pos[0] == 0:
+        plain.next_batch(1)
+        epoch_rows += 1
+    assert epoch_rows <= n <= epoch_rows + 1024  # read in chunks of 1024 rows until the epoch wrapped
+    assert big._window.dtype == torch.int32 and first.dtype == torch.int64
+    rows = TokenStream(corpus, tok, seq_len=31, seed=5, group_bytes=500).next_batch(n)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, big._window.long().tolist()))

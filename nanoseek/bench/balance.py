@@ -22,7 +22,6 @@ import math
 import statistics
 
 from .common import (
-    SHUFFLE_ROWS,
     BenchOptions,
     Report,
     base_settings,
@@ -123,9 +122,9 @@ def run(opts: BenchOptions, report: Report) -> dict:
         f"{n_seeds} seed(s), same data order per seed. MaxVio_global over {results[0]['val_tokens']:,} "
         f"validation tokens, averaged over the MoE layers. The loss-free arms use no balance loss at all. "
         f"MaxVio_batch sampling floor at {B * T} tokens/batch: {floor:.3f}. Batches are drawn from shuffled windows "
-        f"of {SHUFFLE_ROWS} packed rows (`--shuffle-rows`, ~1M tokens from dozens of files): the packer serves "
-        "text contiguously, and a 2048-token batch straight from it is one or two files, whose content then "
-        "drives the per-batch expert load (the papers' batches are i.i.d. sequences)."
+        "of ~8M tokens (the trainer's default `--shuffle-rows`, about the whole corpus): the packer serves text "
+        "contiguously, and the routing bias tracks whatever content recent batches carry (the papers' batches "
+        "are i.i.d. sequences)."
     )
     report.table(
         ["arm", "val loss", "± sd", "MaxVio_global", "± sd", "MaxVio_batch (last 10%)", "tok/s"],

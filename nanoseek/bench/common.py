@@ -156,7 +156,6 @@ class Arm:
     trainer: object | None = None  # the live Trainer (model included) when kept
 
 
-SHUFFLE_ROWS = 4096  # full runs: batches drawn from windows of ~1M tokens (dozens of files), `--shuffle-rows`
 ARM_FILE = "bench_arm.json"  # written next to a finished arm's metrics: its settings and summary (for --reuse)
 
 
@@ -183,10 +182,10 @@ def train_arm(
 
     Checkpoints are written once, at the end. `keep=True` returns the live trainer (its model) too.
     `shuffle_rows` is the trainer's `--shuffle-rows` (batches drawn from shuffled windows of that many rows);
-    the default is SHUFFLE_ROWS for full runs and 8 rows for --quick ones.
+    the default is the trainer's (~8M-token windows) for full runs and 8 rows for --quick ones.
     """
-    if shuffle_rows is None:
-        shuffle_rows = 8 if opts.quick else SHUFFLE_ROWS
+    if shuffle_rows is None and opts.quick:
+        shuffle_rows = 8
     from ..plot import read_metrics
     from ..train import Trainer
     from ..train_config import TrainConfig
