@@ -139,7 +139,7 @@ class Trainer:
         self.plan = ParallelPlan(
             pp=tc.pp, ep=tc.ep, pp_schedule=tc.pp_schedule, microbatches=tc.pp_microbatches,
             fp8_dispatch=tc.fp8_dispatch, overlap=tc.ep_overlap, ranks_per_node=tc.ranks_per_node,
-            max_nodes_per_token=tc.max_nodes_per_token, mtp_weight=tc.mtp_weight,
+            max_nodes_per_token=tc.max_nodes_per_token, mtp_weight=tc.mtp_weight, dp_shard=tc.dp_shard,
         )  # fmt: skip
         self.is_main = self.plan.is_main
 
@@ -333,7 +333,7 @@ class Trainer:
         and each rank's optimizer state (its expert shards / stage) is collected; rank 0 writes."""
         target = self.out / "checkpoints" / f"step_{self.step:07d}"
         weights = self.plan.full_state_dict(self.model)  # collective under torchrun
-        optim = self._gather_objects(self.optimizer.state_dict())
+        optim = self._gather_objects(self.plan.optimizer_state(self.optimizer))
         if not self.is_main:
             return target
         state = {
@@ -379,7 +379,7 @@ class Trainer:
             raise NanoseekError(
                 f"--resume: {directory} was written by {state['world']} ranks, this run has {self.plan.world}"
             )
-        self.optimizer.load_state_dict(state["optimizer"][self.plan.rank])
+        self.plan.load_optimizer_state(self.optimizer, state["optimizer"][self.plan.rank])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])

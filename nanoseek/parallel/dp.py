@@ -13,8 +13,9 @@ gradients are ready); the expert shards are hidden from it (`_ddp_params_and_buf
 the dp group, not the dp x ep one) and `ExpertGradSync` all-reduces each one asynchronously from a
 post-accumulate-grad hook, so they overlap with the rest of backward too. Under pipeline parallelism the
 stage modules are run by the schedule and the tied embedding may sit in two stages of one rank, so
-`sync_grads` does the same arithmetic with bucketed `all_reduce`s after the schedule's backward. Either way
-the weights and optimizer states stay replicated (no ZeRO sharding).
+`sync_grads` does the same arithmetic with bucketed `all_reduce`s after the schedule's backward. In both,
+weights and optimizer states are replicated; `fsdp` (FSDP2, `--dp-shard`, data parallelism alone) shards
+parameters, gradients and optimizer states instead (ZeRO-3).
 
 `clip_grad_norm_` computes the norm of the *global* gradient: replicated parameters once, expert shards
 summed over the EP group, stages summed over the PP group, mirrored (tied) copies excluded.
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..model.moe import MoE
@@ -189,3 +191,64 @@ def accumulate(wrapped: nn.Module, experts: ExpertGradSync | None, sync: bool) -
         experts.armed = sync
     with ctx:
         yield
+
+
+# --- FSDP2 (`--dp-shard`): parameters, gradients and optimizer states sharded over the data ranks -----------
+def fsdp(module: nn.Module, mesh) -> None:
+    """`fully_shard` every main layer, then the root (embedding, final norm, head and the MTP modules: the MTP
+    code calls their submodules directly rather than through the module's own forward, so their parameters
+    are left to the root, which gathers them for the whole forward). Modifies `module` in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in module.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def clip_sharded_grad_norm_(module: nn.Module, max_norm: float, group) -> torch.Tensor:
+    """Global-norm clipping when every gradient is a shard (FSDP2): the local shards' squared sums, summed over
+    `group`. Works on the local tensors, so it needs no DTensor dispatch."""
+    grads = [_local(p.grad) for p in module.parameters() if p.grad is not None]
+    total = torch.stack([g.float().pow(2).sum() for g in grads]).sum().double() if grads else torch.zeros(())
+    dist.all_reduce(total, group=group)
+    norm = total.sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A (sharded) state dict with every DTensor gathered to a plain tensor. Collective."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in state.items()}
+
+
+def local_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict with its DTensor moments replaced by this rank's local shards (picklable and
+    small; `load_local_optimizer_state` puts them back)."""
+    return {
+        **state,
+        "state": {i: {k: _local(v) for k, v in st.items()} for i, st in state["state"].items()},
+    }
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `local_optimizer_state`: re-wrap each local shard as a DTensor laid out like its parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {}
+    for i, st in state["state"].items():
+        p = params[int(i)]
+        out[i] = {
+            k: (
+                DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                if isinstance(p, DTensor) and v.dim() > 0
+                else v
+            )
+            for k, v in st.items()
+        }
+    optimizer.load_state_dict({**state, "state": out})

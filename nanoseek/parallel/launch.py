@@ -8,6 +8,7 @@ torch.distributed (a plain `python -m nanoseek ...`), every method is the single
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -45,6 +46,8 @@ class ParallelPlan:
     of the world). pp_schedule: "1f1b" or "dualpipev"; microbatches: per step (default: the least the
     schedule accepts). fp8_dispatch: E4M3 token dispatch; overlap: two-half comm/compute overlap in EP.
     ranks_per_node (default LOCAL_WORLD_SIZE) and max_nodes_per_token enable node-limited routing.
+    dp_shard: FSDP2 instead of DDP for the data-parallel ranks (parameters, gradients and optimizer states
+    sharded: ZeRO-3), without EP or PP.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class ParallelPlan:
         ranks_per_node: int | None = None,
         max_nodes_per_token: int | None = None,
         mtp_weight: float = 0.3,
+        dp_shard: bool = False,
     ):
         self.distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if self.distributed else 1
@@ -69,6 +73,9 @@ class ParallelPlan:
         if pp_schedule.lower() not in SCHEDULES:
             raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {pp_schedule!r}")
         self.pp, self.dp, self.ep, self.world = pp, dp, ep, world
+        if dp_shard and (pp > 1 or ep > 1):
+            raise NanoseekError("--dp-shard (FSDP2) runs with data parallelism alone: not with --ep or --pp yet")
+        self.dp_shard = dp_shard
         self.pp_schedule, self.microbatches = pp_schedule.lower(), microbatches
         self.fp8_dispatch, self.overlap, self.mtp_weight = fp8_dispatch, overlap, mtp_weight
         self.ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
@@ -77,6 +84,7 @@ class ParallelPlan:
         self.pp_rank, self.dp_rank, self.ep_rank = 0, 0, 0
         self.tied_group = None
         self._experts: dict[int, dp_mod.ExpertGradSync] = {}  # id(model) -> its hooks, for data_parallel
+        self._sharded: set[int] = set()  # id(model) of models sharded with FSDP2 by data_parallel
         # where small collective tensors live: NCCL only moves CUDA tensors, gloo is used on CPU
         nccl = self.distributed and dist.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -136,6 +144,10 @@ class ParallelPlan:
         this run (DDP would wait for them forever)."""
         if not self.distributed or self.data_world == 1 or self.pp > 1:
             return model
+        if self.dp_shard:  # FSDP2 shards in place: the model is also what forward runs through
+            dp_mod.fsdp(model, self.mesh["dp"])
+            self._sharded.add(id(model))
+            return model
         wrapped = dp_mod.ddp(model, self.data_group, ignore or [])
         self._experts[id(model)] = dp_mod.ExpertGradSync(model, self.dp_group, self.data_world)
         return wrapped
@@ -143,6 +155,9 @@ class ParallelPlan:
     def accumulate(self, wrapped: nn.Module, sync: bool = True):
         """Context for one micro-batch's forward + backward; `sync=False` for all but the last of a step
         (DDP's `no_sync`; the expert hooks stay quiet too)."""
+        if id(wrapped) in self._sharded:  # FSDP2: reduce-scatter only in the last micro-batch's backward
+            wrapped.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         inner = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
         return dp_mod.accumulate(wrapped, self._experts.get(id(inner)), sync)
 
@@ -168,6 +183,8 @@ class ParallelPlan:
         of it, after `data_parallel`). Pass the model, not the DDP wrapper."""
         if isinstance(wrapped, Pipeline):
             wrapped.sync_tied_grads()
+        if id(wrapped) in self._sharded:  # FSDP2 reduce-scattered (and averaged) the gradients in backward
+            return
         if id(wrapped) in self._experts:  # DDP averaged the replicated parameters during backward
             self._experts[id(wrapped)].finish()
         elif self.distributed:
@@ -177,6 +194,8 @@ class ParallelPlan:
         """Replaces torch.nn.utils.clip_grad_norm_: the norm of the global (all-rank) gradient."""
         if not self.distributed:
             return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+        if id(wrapped) in self._sharded:
+            return dp_mod.clip_sharded_grad_norm_(wrapped, max_norm, self.data_group)
         exclude = wrapped.mirror_params() if isinstance(wrapped, Pipeline) else []
         return dp_mod.clip_grad_norm_(wrapped, max_norm, self.ep_group, self.pp_group, exclude)
 
@@ -218,6 +237,8 @@ class ParallelPlan:
         Gathers whole tensors: meant for the small models this CPU-first project trains."""
         if not self.distributed:
             return wrapped.state_dict()
+        if id(wrapped) in self._sharded:
+            return dp_mod.full_tensors(wrapped.state_dict())
         if isinstance(wrapped, Pipeline):
             state = ep_mod.gather_experts(nn.ModuleList([s.model for s in wrapped.stages]), {})
             local = wrapped.stage_state_dict()
@@ -229,6 +250,17 @@ class ParallelPlan:
                 out.update(p)
             return out
         return ep_mod.gather_experts(wrapped)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's optimizer state for a checkpoint (FSDP2 moments as local shards)."""
+        return dp_mod.local_optimizer_state(optimizer.state_dict()) if self._sharded else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Inverse of `optimizer_state` (call after `data_parallel`)."""
+        if self._sharded:
+            dp_mod.load_local_optimizer_state(optimizer, state)
+        else:
+            optimizer.load_state_dict(state)
 
     def load_full_state_dict(self, wrapped: nn.Module, full: dict[str, torch.Tensor]) -> None:
         """Load a single-process state dict into the wrapped (sharded / staged) model."""
