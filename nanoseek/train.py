@@ -164,8 +164,8 @@ class Trainer:
         default_seq = 1e-4 if tc.balance == "loss-free" else 0.0
         self.seq_alpha = tc.seq_aux_alpha if tc.seq_aux_alpha is not None else default_seq
         self.batch_alpha = tc.aux_alpha if tc.balance == "aux" else 0.0
-        if self.plan.pp > 1:  # the balance losses need a stage's router outputs next to the loss
-            self.seq_alpha = self.batch_alpha = 0.0
+        if self.plan.pp > 1:  # each stage adds its own layers' balance loss (see Pipeline.set_balance_losses)
+            self.model.set_balance_losses(self.seq_alpha, self.batch_alpha)
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
         rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
         self.balancer = LossFreeBalancer(self.model, rate, group=self.plan.counts_group)
@@ -216,7 +216,8 @@ class Trainer:
             self.model.mtp_weight = lam
             with self.autocast():
                 total = self.plan.train_step(self.model, x, y)
-            return total, self.model.last_parts["loss"], self.model.last_parts["mtp_loss"], 0.0
+            parts = self.model.last_parts
+            return total, parts["loss"], parts["mtp_loss"], parts.get("aux_loss", 0.0)
         with self.plan.accumulate(self.train_model, sync=last):
             with self.autocast():
                 loss, mtp = self.forward(self.train_model, x, y, self.use_mtp)

@@ -27,7 +27,7 @@ def cfg(out, corpus, **kw):
         precision="fp32",
         threads=1,
         seq_aux_alpha=0.0,
-    )  # fmt: skip (no balance loss: it is not applied under PP)
+    )  # fmt: skip (no balance loss unless a case sets one)
     return TrainConfig(**{**base, **kw})
 
 
@@ -48,16 +48,27 @@ def records(run):
         (dict(batch_size=1, grad_accum=2, dp_shard=True), 4),  # the same with FSDP2 (sharded weights and moments)
         (dict(pp=2, pp_schedule="dualpipev"), 4),
         (dict(pp=2, pp_schedule="1f1b"), 4),
+        # the MoE balance losses under PP: each stage adds its own layers' (sequence-wise; batch-level per
+        # micro-batch, which equals the single process with as many gradient-accumulation steps)
+        (dict(pp=2, pp_schedule="dualpipev", seq_aux_alpha=0.05), 4),
+        (dict(pp=2, pp_schedule="1f1b", pp_microbatches=2, balance="aux", aux_alpha=0.05), 4),
     ],
 )
 def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, single_batch):
-    train(cfg(tmp_path / "single", corpus_dir, batch_size=single_batch))
+    same = {k: kw[k] for k in ("seq_aux_alpha", "balance", "aux_alpha") if k in kw}
+    if kw.get("balance") == "aux":  # the batch-level loss is per micro-batch: 2 accumulation steps of 2 rows
+        same.update(grad_accum=2, batch_size=single_batch // 2)
+    else:
+        same.update(batch_size=single_batch)
+    train(cfg(tmp_path / "single", corpus_dir, **same))
     run_local(_rank_train, 2, tmp_path / "dist", corpus_dir, kw)
     (s_steps, s_evals), (d_steps, d_evals) = records(tmp_path / "single"), records(tmp_path / "dist")
     assert [r["step"] for r in d_steps] == [1, 2, 3]
     for a, b in zip(s_steps, d_steps):
-        for k in ("loss", "mtp_loss", "grad_norm"):
+        for k in ("loss", "mtp_loss", "aux_loss", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a["step"])
+        if kw.get("seq_aux_alpha") or kw.get("balance") == "aux":
+            assert a["aux_loss"] > 0.01  # the balance loss is on, so its gradient path is exercised
     assert d_evals[-1]["val_loss"] == pytest.approx(s_evals[-1]["val_loss"], rel=1e-4)
     # the checkpoint written from the ranks is the single-process layout with the same weights
     from safetensors.torch import load_file

@@ -26,8 +26,13 @@ Megatron's input/output embeddings:
 Evaluation (`eval_step`) runs micro-batches through the stages one after the other with blocking send/recv:
 torch 2.13's DualPipeV schedule cannot run forward-only.
 
-Not done: the MoE balance losses (sequence-wise aux loss) are not added under PP; the V3 overlapped
-forward/backward chunk (`OVERLAP_F_B`) runs its two halves one after the other (torch's default).
+MoE balance losses (`set_balance_losses`): each stage computes its own MoE layers' sequence-wise (and, for
+the aux baseline, batch-level) loss in forward and attaches it to its output with `_AttachAux`, whose backward
+feeds d(loss)/d(aux) = 1 / micro-batches into it; nothing travels between stages. The batch-level loss is
+per micro-batch, as under gradient accumulation in the single process.
+
+Not done: the V3 overlapped forward/backward chunk (`OVERLAP_F_B`) runs its two halves one after the other
+(torch's default).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..balance import router_losses
 from ..errors import NanoseekError
 from ..model import Transformer
 from ..model.moe import MoE
@@ -74,19 +80,43 @@ def stage_view(model: Transformer, layers: list[int], first: bool, last: bool, u
     return m
 
 
+class _AttachAux(torch.autograd.Function):
+    """Identity on x whose backward also sends `scale` into `aux` (a scalar balance loss computed inside this
+    stage): the stage's MoE balance loss gets its gradient without travelling to the loss function on the
+    last stage, as if `scale * aux` had been added to the loss there."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.aux_meta = scale, (aux.shape, aux.dtype, aux.device)
+        return x.clone()  # not x itself nor a view: the schedule detaches stage outputs in place
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
 class StageModule(nn.Module):
     def __init__(self, model: Transformer, index: int, n_stages: int, layers: list[int], use_mtp: bool):
         super().__init__()
         self.index, self.is_first, self.is_last = index, index == 0, index == n_stages - 1
         self.model = stage_view(model, layers, self.is_first, self.is_last, use_mtp)
+        self.seq_alpha = self.batch_alpha = 0.0  # MoE balance losses (set by `Pipeline.set_balance_losses`)
+        self.aux_scale = 1.0  # d(loss) / d(balance loss): 1 / micro-batches
+        self.aux_sum = torch.zeros(())  # balance losses of this step's micro-batches, for logging
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None):
         """x: tokens [b, T] (first stage) or hidden [b, T, d]; tokens: the micro-batch's tokens (for MTP)."""
         m = self.model
         h = m.hidden(x)
-        if not self.is_last:
-            return h
-        return (m.logits(h), *m.mtp_logits(h, tokens))
+        out = h if not self.is_last else m.logits(h)
+        mtp = m.mtp_logits(h, tokens) if self.is_last else []
+        if torch.is_grad_enabled() and (self.seq_alpha or self.batch_alpha):
+            aux = router_losses(m, self.seq_alpha, self.batch_alpha)  # this stage's MoE layers (MTP's included)
+            if aux is not None:
+                self.aux_sum = self.aux_sum + aux.detach().float().cpu()
+                out = _AttachAux.apply(out, aux, self.aux_scale)
+        return out if not self.is_last else (out, *mtp)
 
 
 def lm_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, ...]:
@@ -167,20 +197,32 @@ class Pipeline(nn.Module):
         name = "_initialize_stages" if hasattr(self.schedule, "_initialize_stages") else "_initialize_stage"
         init = getattr(self.schedule, name)
 
-        def init_without_counting(*a, **k):
+        def init_without_counting(*a, **k):  # nor as balance losses
             moes = self.moe_layers()
+            alphas = [(st.seq_alpha, st.batch_alpha) for st in self.stages]
             for m in moes:
                 m.count_tokens = False
+            for st in self.stages:
+                st.seq_alpha = st.batch_alpha = 0.0
             try:
                 return init(*a, **k)
             finally:
                 for m in moes:
                     m.count_tokens = True
+                for st, (sa, ba) in zip(self.stages, alphas):
+                    st.seq_alpha, st.batch_alpha = sa, ba
 
         setattr(self.schedule, name, init_without_counting)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_balance_losses(self, seq_alpha: float, batch_alpha: float) -> None:
+        """Add the MoE balance losses (sequence-wise α, batch-level α) inside each stage: every stage computes
+        its own layers' loss in forward and feeds its gradient (1 / micro-batches, like the LM loss) into
+        backward through `_AttachAux`, so the pipeline trains the single-process objective."""
+        for s in self.stages:
+            s.seq_alpha, s.batch_alpha, s.aux_scale = seq_alpha, batch_alpha, 1.0 / self.n_microbatches
 
     def holds_loss(self) -> bool:
         return dist.get_rank(self.group) == self.last_rank
@@ -191,9 +233,17 @@ class Pipeline(nn.Module):
             raise NanoseekError(f"pipeline: batch {tokens.shape[0]} is not a multiple of {self.n_microbatches}")
         losses: list[torch.Tensor] = []
         self._parts = []
+        for s in self.stages:
+            s.aux_sum = torch.zeros(())
         args = (tokens,) if self.stages[0].is_first else ()
         self.schedule.step(*args, target=targets, losses=losses, tokens=tokens, return_outputs=False)
-        return self._gather_loss(losses)
+        total = self._gather_loss(losses)
+        if any(s.seq_alpha or s.batch_alpha for s in self.stages):  # the balance losses, summed over stages
+            aux = sum(s.aux_sum for s in self.stages).double().reshape(1).to(self.device) / self.n_microbatches
+            dist.all_reduce(aux, group=self.group)
+            self.last_parts["aux_loss"] = aux.item()
+            total = total + aux[0].float().cpu()
+        return total
 
     def _gather_loss(self, losses: list[torch.Tensor], n: int | None = None) -> torch.Tensor:
         out = torch.zeros(3, dtype=torch.float64, device=self.device)
