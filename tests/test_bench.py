@@ -124,6 +124,9 @@ def test_fp8_quick(suite):
     for k in ("rel_loss_error_blockwise", "rel_loss_error_tensorwise", "rel_loss_error_fp32_control"):
         assert finite(r[k]) and 0 <= r[k] < 0.05, k
     assert set(r["mean_rel_loss_error"]) == {"fp8 block-wise", "fp8 tensor-wise", "fp32 (control)"}
+    # one signed error per seed; the headline error is |their mean|
+    per = r["rel_loss_error_per_seed"]["fp8 block-wise"]
+    assert len(per) == r["seeds"] and r["rel_loss_error_blockwise"] == pytest.approx(abs(sum(per) / len(per)))
     assert 0.3 < r["activation_memory_ratio"] < 1  # FP8-cached activations are smaller
     for k in ("tokens_per_s_bf16", "tokens_per_s_fp8_blockwise", "tokens_per_s_fp8_tensorwise", "tokens_per_s_fp32"):
         assert finite(r[k]) and r[k] > 0

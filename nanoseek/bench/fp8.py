@@ -61,56 +61,80 @@ def activation_bytes(settings: dict, granularity: str | None, batch: torch.Tenso
 
 def run(opts: BenchOptions, report: Report) -> dict:
     steps = opts.n_steps(STEPS, QUICK_STEPS)
+    n_seeds = opts.n_seeds(1)
     settings = base_settings(opts, mtp_depth=0, steps=steps)
     settings["eval_every"] = opts.eval_every(steps, 4)
-    runs = {}
-    for label, precision, gran in [*ARMS, CONTROL]:
-        kw = dict(settings, precision=precision)
-        if gran:
-            kw["fp8_granularity"] = gran
-        slug = label.replace(" (control)", "").replace(" ", "_")
-        runs[label] = train_arm(opts, slug, 0, keep=label == "bf16", **kw)
-    batch = runs["bf16"].trainer.stream.next_batch(settings["batch_size"])
-    runs["bf16"].trainer = None
+    runs: dict[str, list] = {}  # label -> one Arm per seed
+    for seed in range(n_seeds):
+        for label, precision, gran in [*ARMS, CONTROL]:
+            kw = dict(settings, precision=precision)
+            if gran:
+                kw["fp8_granularity"] = gran
+            slug = label.replace(" (control)", "").replace(" ", "_")
+            runs.setdefault(label, []).append(train_arm(opts, slug, seed, keep=label == "bf16" and not seed, **kw))
+    batch = runs["bf16"][0].trainer.stream.next_batch(settings["batch_size"])
+    runs["bf16"][0].trainer = None
     mem = {label: activation_bytes(settings, gran, batch) for label, _, gran in ARMS}
 
-    def losses(label):
-        return [s["loss"] for s in runs[label].steps if s["loss"] is not None]
+    def losses(label: str, seed: int | None = None) -> list[float]:
+        """Per-step training loss of one seed, or averaged over the seeds (which averages out the trajectory
+        noise that any rounding difference causes, and keeps what a precision changes systematically)."""
+        per = [[s["loss"] for s in arm.steps if s["loss"] is not None] for arm in runs[label]]
+        if seed is not None:
+            return per[seed]
+        return [statistics.fmean(v) for v in zip(*per)]
 
-    ref = smooth_tail(losses("bf16"))
-    rel = {label: abs(smooth_tail(losses(label)) - ref) / ref for label, _, _ in [*ARMS[1:], CONTROL]}
+    others = [label for label, _, _ in [*ARMS[1:], CONTROL]]
+    # signed relative error of the smoothed final loss, per seed; the reported error is |mean over seeds|
+    signed = {
+        label: [
+            (smooth_tail(losses(label, k)) - smooth_tail(losses("bf16", k))) / smooth_tail(losses("bf16", k))
+            for k in range(n_seeds)
+        ]
+        for label in others
+    }
+    rel = {label: abs(statistics.fmean(v)) for label, v in signed.items()}
+    sem = {label: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else None for label, v in signed.items()}
     ema_bf = ema(losses("bf16"), 0.9)
     mean_abs = {  # |relative error| of the EMA(0.9) curves averaged over all steps: less luck than the end point
         label: statistics.fmean(abs(a - b) / b for a, b in zip(ema(losses(label), 0.9), ema_bf))
         for label, _, _ in [*ARMS[1:], CONTROL]
     }
+
+    def tok_s(label: str) -> float:
+        return statistics.fmean(a.summary["tokens_per_s"] for a in runs[label])
+
     result = {
         "rel_loss_error_blockwise": rel["fp8 block-wise"],
         "rel_loss_error_tensorwise": rel["fp8 tensor-wise"],
         "rel_loss_error_fp32_control": rel[CONTROL[0]],
+        "rel_loss_error_per_seed": signed,  # signed, (L_arm - L_bf16) / L_bf16, one per seed
+        "rel_loss_error_sem": sem,  # standard error of the mean over seeds (None with one seed)
         "mean_rel_loss_error": mean_abs,
         "activation_memory_ratio": mem["fp8 block-wise"]["bytes"] / mem["bf16"]["bytes"],
         "activation_memory_ratio_tensorwise": mem["fp8 tensor-wise"]["bytes"] / mem["bf16"]["bytes"],
         "activation_bytes": {k: v["bytes"] for k, v in mem.items()},
         "activation_bytes_by_dtype": {k: v["by_dtype"] for k, v in mem.items()},
-        "tokens_per_s_bf16": runs["bf16"].summary["tokens_per_s"],
-        "tokens_per_s_fp8_blockwise": runs["fp8 block-wise"].summary["tokens_per_s"],
-        "tokens_per_s_fp8_tensorwise": runs["fp8 tensor-wise"].summary["tokens_per_s"],
-        "tokens_per_s_fp32": runs[CONTROL[0]].summary["tokens_per_s"],
-        "val_loss": {k: r.summary["val_loss"] for k, r in runs.items()},
+        "tokens_per_s_bf16": tok_s("bf16"),
+        "tokens_per_s_fp8_blockwise": tok_s("fp8 block-wise"),
+        "tokens_per_s_fp8_tensorwise": tok_s("fp8 tensor-wise"),
+        "tokens_per_s_fp32": tok_s(CONTROL[0]),
+        "val_loss": {k: statistics.fmean(a.summary["val_loss"] for a in r) for k, r in runs.items()},
         "final_loss_smoothed": {k: smooth_tail(losses(k)) for k in runs},
         "steps": steps,
-        "tokens": runs["bf16"].summary["tokens"],
-        "seed": 0,
+        "tokens": runs["bf16"][0].summary["tokens"],
+        "seeds": n_seeds,
     }
     log(f"fp8: rel. loss error block {rel['fp8 block-wise']:.4%}, tensor {rel['fp8 tensor-wise']:.4%}")
 
     report.text(
-        f"`tiny` (MoE + MLA, no MTP), seed 0, {steps} steps x {settings['batch_size']}x{settings['seq_len']} tokens, "
-        "the same data order in every arm. FP8 is emulated exactly on CPU (E4M3 values, fp32 scales; "
+        f"`tiny` (MoE + MLA, no MTP), {n_seeds} seed(s) (0..{n_seeds - 1}), {steps} steps x "
+        f"{settings['batch_size']}x{settings['seq_len']} tokens, "
+        "the same data order in every arm of a seed. FP8 is emulated exactly on CPU (E4M3 values, fp32 scales; "
         "activations 1x128, weights 128x128 for block-wise; one scale per tensor for tensor-wise); the "
         "embedding, head, gate, norms and attention core stay high precision, as in V3. Relative error of the "
-        "training loss averaged over the last 10% of steps, and of the EMA(0.9) curves averaged over all steps. "
+        "training loss averaged over the last 10% of steps (signed per seed; the table shows |mean over seeds| "
+        "and its standard error), and of the seed-averaged EMA(0.9) curves averaged over all steps. "
         "The fp32 arm is a control: its difference from bf16 is the noise floor of this comparison (a rounding "
         "difference grows into a different trajectory), not a goal."
     )
@@ -119,6 +143,8 @@ def run(opts: BenchOptions, report: Report) -> dict:
             "arm",
             "final train loss (last 10%)",
             "rel. error vs bf16",
+            "± s.e. (seeds)",
+            "per seed (signed)",
             "mean rel. error (EMA curves)",
             "val loss",
             "saved activations (MiB)",
@@ -130,11 +156,13 @@ def run(opts: BenchOptions, report: Report) -> dict:
                 label,
                 result["final_loss_smoothed"][label],
                 rel.get(label, 0.0),
+                sem.get(label),
+                " ".join(f"{v:+.3%}" for v in signed.get(label, [])),
                 mean_abs.get(label, 0.0),
                 result["val_loss"][label],
                 mem[label]["bytes"] / 2**20 if label in mem else None,
                 mem[label]["bytes"] / mem["bf16"]["bytes"] if label in mem else None,
-                runs[label].summary["tokens_per_s"],
+                tok_s(label),
             ]
             for label, _, _ in [*ARMS, CONTROL]
         ],
@@ -192,7 +220,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
     report.plot(
         plot_lines(
             opts.out / "fp8_loss.png",
-            [(k, [s["step"] for s in r.steps], ema(losses(k), 0.9)) for k, r in runs.items()],
+            [(k, list(range(1, len(losses(k)) + 1)), ema(losses(k), 0.9)) for k in runs],
             "step",
             "training loss (EMA 0.9)",
             "Training loss",
