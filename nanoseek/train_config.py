@@ -90,7 +90,7 @@ class TrainConfig:
     fp8_dispatch: bool = _f(False, "quantise expert-parallel token dispatch to FP8 (combine stays high precision)")
     ep_overlap: bool = _f(False, "overlap one half-batch's all-to-all with the other half's expert compute")
     dp_shard: bool = _f(
-        False, "FSDP2 for data parallelism: parameters, gradients and optimizer states sharded (without --ep/--pp)"
+        False, "FSDP2 for data parallelism: parameters, gradients and optimizer states sharded (not with --pp)"
     )
     ranks_per_node: int | None = _f(None, "ranks per node for node-limited routing (default: LOCAL_WORLD_SIZE)")
     max_nodes_per_token: int | None = _f(None, "node-limited routing: each token's experts span at most M nodes")

@@ -335,18 +335,18 @@ def test_expert_and_data_parallel_compose():
     spawn(_dp_worker, 4, 2, (True,))
 
 
-def _fsdp_worker(rank, world):
+def _fsdp_worker(rank, world, ep):
     from torch.distributed.tensor import DTensor
 
     model = build_model()
     x, y = batch(8)
     ref_loss, ref_grads, ref_norm, ref_state = reference(model, x, y)
-    plan = ParallelPlan(dp_shard=True)
+    plan = ParallelPlan(ep=ep, dp_shard=True)
     w = plan.wrap(copy.deepcopy(model))
     assert plan.data_parallel(w) is w  # sharded in place
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in w.parameters())
     total = sum(p.numel() for p in model.parameters())
-    assert local <= total / world + 64 * 16  # each rank holds 1/world of every tensor (dim 0 rounded up)
+    assert local <= total / world + 64 * 16  # each rank holds ~1/world of the model (experts: 1/ep, then 1/dp)
     with plan.accumulate(w, sync=True):
         loss = mtp_loss(w, plan.shard_batch(x), plan.shard_batch(y))
         loss.backward()
@@ -354,17 +354,27 @@ def _fsdp_worker(rank, world):
     norm = plan.clip_grad_norm_(w, 0.05)
     close(torch.tensor(plan.mean_over_data(loss), dtype=torch.float64), ref_loss.double(), "fsdp loss")
     close(norm, ref_norm, "fsdp grad norm")
-    for n, p in w.named_parameters():
-        close(p.grad.full_tensor(), ref_grads[n], f"fsdp grad {n}")
+    grads = gather_experts(w, {n: p.grad.full_tensor() for n, p in w.named_parameters()}, grads=True)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        close(g, ref_grads[n], f"fsdp ep={ep} grad {n}")
     torch.optim.SGD(w.parameters(), lr=0.1).step()
-    for n, v in plan.full_state_dict(w).items():
-        close(v, ref_state[n], f"fsdp weight {n} after SGD")
+    state = plan.full_state_dict(w)
+    assert state.keys() == ref_state.keys()
+    for n, v in state.items():
+        close(v, ref_state[n], f"fsdp ep={ep} weight {n} after SGD")
 
 
 def test_sharded_data_parallel_matches_doubled_batch():
     """FSDP2 (`dp_shard`), DP=2: each rank stores half of every parameter; loss, every gradient, the clipped global
     norm and the weights after an SGD step equal the single process on the doubled batch."""
-    spawn(_fsdp_worker, 2)
+    spawn(_fsdp_worker, 2, 1)
+
+
+def test_sharded_data_parallel_composes_with_expert_parallel():
+    """FSDP2 x EP=2 on 4 ranks: experts split over EP, then sharded over the 2 dp ranks holding them (gradient
+    divided by dp x ep), the rest sharded over all 4; the same checks."""
+    spawn(_fsdp_worker, 4, 2)
 
 
 def test_comm_bench_quick():

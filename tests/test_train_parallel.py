@@ -46,6 +46,7 @@ def records(run):
         (dict(ep=2, batch_size=2), 4),  # EP=2 also splits the data: 2 ranks x 2 rows == 4 rows on one process
         (dict(batch_size=1, grad_accum=2), 4),  # DP=2 (DDP, no_sync on the first micro-batch): 2 x 2 x 1 rows
         (dict(batch_size=1, grad_accum=2, dp_shard=True), 4),  # the same with FSDP2 (sharded weights and moments)
+        (dict(ep=2, batch_size=2, dp_shard=True), 4),  # FSDP2 x EP: non-expert weights sharded over the EP ranks
         (dict(pp=2, pp_schedule="dualpipev"), 4),
         (dict(pp=2, pp_schedule="1f1b"), 4),
         # the MoE balance losses under PP: each stage adds its own layers' (sequence-wise; batch-level per

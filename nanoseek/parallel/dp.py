@@ -14,8 +14,9 @@ the dp group, not the dp x ep one) and `ExpertGradSync` all-reduces each one asy
 post-accumulate-grad hook, so they overlap with the rest of backward too. Under pipeline parallelism the
 stage modules are run by the schedule and the tied embedding may sit in two stages of one rank, so
 `sync_grads` does the same arithmetic with bucketed `all_reduce`s after the schedule's backward. In both,
-weights and optimizer states are replicated; `fsdp` (FSDP2, `--dp-shard`, data parallelism alone) shards
-parameters, gradients and optimizer states instead (ZeRO-3).
+weights and optimizer states are replicated; `fsdp` (FSDP2, `--dp-shard`, with or without EP, not with PP)
+shards parameters, gradients and optimizer states instead (ZeRO-3): the same averaging, done by
+reduce-scatters over the same two groups.
 
 `clip_grad_norm_` computes the norm of the *global* gradient: replicated parameters once, expert shards
 summed over the EP group, stages summed over the PP group, mirrored (tied) copies excluded.
@@ -194,15 +195,29 @@ def accumulate(wrapped: nn.Module, experts: ExpertGradSync | None, sync: bool) -
 
 
 # --- FSDP2 (`--dp-shard`): parameters, gradients and optimizer states sharded over the data ranks -----------
-def fsdp(module: nn.Module, mesh) -> None:
-    """`fully_shard` every main layer, then the root (embedding, final norm, head and the MTP modules: the MTP
-    code calls their submodules directly rather than through the module's own forward, so their parameters
-    are left to the root, which gathers them for the whole forward). Modifies `module` in place."""
+def fsdp(module: nn.Module, mesh, expert_mesh=None) -> None:
+    """`fully_shard` every expert-parallel shard (over `expert_mesh`: the dp ranks holding the same experts;
+    their reduce-scatter divides by dp, `scale_expert_grads` adds the missing 1/ep), every main layer (over
+    `mesh`: all dp x ep ranks), then the root (embedding, final norm, head and the MTP modules: the MTP code
+    calls their submodules directly rather than through the module's own forward, so their parameters are
+    left to the root, which gathers them for the whole forward). Modifies `module` in place."""
     from torch.distributed.fsdp import fully_shard
 
+    for m in module.modules():
+        if isinstance(m, ExpertParallel):
+            fully_shard(m, mesh=expert_mesh)
     for layer in module.layers.values():
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
+
+
+@torch.no_grad()
+def scale_expert_grads(module: nn.Module, factor: float) -> None:
+    """Multiply the expert shards' gradients by `factor` (FSDP2 x EP: 1/ep after the reduce-scatter's 1/dp,
+    making 1/W; FSDP2's own divide factor would need a PREMUL_SUM reduction, which gloo lacks)."""
+    for p in split_params(module)[1]:
+        if p.grad is not None:
+            _local(p.grad).mul_(factor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -212,7 +227,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def clip_sharded_grad_norm_(module: nn.Module, max_norm: float, group) -> torch.Tensor:
     """Global-norm clipping when every gradient is a shard (FSDP2): the local shards' squared sums, summed over
-    `group`. Works on the local tensors, so it needs no DTensor dispatch."""
+    `group` (dp x ep: the ranks together hold every replicated tensor once and, with EP, every expert once).
+    Works on the local tensors, so it needs no DTensor dispatch."""
     grads = [_local(p.grad) for p in module.parameters() if p.grad is not None]
     total = torch.stack([g.float().pow(2).sum() for g in grads]).sum().double() if grads else torch.zeros(())
     dist.all_reduce(total, group=group)

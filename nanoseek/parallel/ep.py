@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..errors import NanoseekError
@@ -390,6 +391,8 @@ def gather_experts(
             for pname in ("w13", "w2"):
                 p = getattr(mod, pname)
                 t = (p.grad if grads and p.grad is not None else torch.zeros_like(p) if grads else p).detach()
+                if isinstance(t, DTensor):  # FSDP2 (--dp-shard): first the whole EP shard, from the dp ranks
+                    t = t.full_tensor()
                 t = t.contiguous()
                 parts = [torch.empty_like(t) for _ in range(mod.ep_size)]
                 dist.all_gather(parts, t, group=mod.group)

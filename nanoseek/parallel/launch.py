@@ -47,7 +47,7 @@ class ParallelPlan:
     schedule accepts). fp8_dispatch: E4M3 token dispatch; overlap: two-half comm/compute overlap in EP.
     ranks_per_node (default LOCAL_WORLD_SIZE) and max_nodes_per_token enable node-limited routing.
     dp_shard: FSDP2 instead of DDP for the data-parallel ranks (parameters, gradients and optimizer states
-    sharded: ZeRO-3), without EP or PP.
+    sharded: ZeRO-3); composes with EP, not with PP.
     """
 
     def __init__(
@@ -73,14 +73,14 @@ class ParallelPlan:
         if pp_schedule.lower() not in SCHEDULES:
             raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {pp_schedule!r}")
         self.pp, self.dp, self.ep, self.world = pp, dp, ep, world
-        if dp_shard and (pp > 1 or ep > 1):
-            raise NanoseekError("--dp-shard (FSDP2) runs with data parallelism alone: not with --ep or --pp yet")
+        if dp_shard and pp > 1:
+            raise NanoseekError("--dp-shard (FSDP2) does not run under pipeline parallelism (--pp) yet")
         self.dp_shard = dp_shard
         self.pp_schedule, self.microbatches = pp_schedule.lower(), microbatches
         self.fp8_dispatch, self.overlap, self.mtp_weight = fp8_dispatch, overlap, mtp_weight
         self.ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         self.max_nodes_per_token = max_nodes_per_token
-        self.mesh = self.pp_group = self.ep_group = self.dp_group = self.data_group = None
+        self.mesh = self.data_mesh = self.pp_group = self.ep_group = self.dp_group = self.data_group = None
         self.pp_rank, self.dp_rank, self.ep_rank = 0, 0, 0
         self.tied_group = None
         self._experts: dict[int, dp_mod.ExpertGradSync] = {}  # id(model) -> its hooks, for data_parallel
@@ -93,7 +93,8 @@ class ParallelPlan:
 
             self.mesh = init_device_mesh(self.device.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
             self.pp_group, self.dp_group, self.ep_group = (self.mesh.get_group(n) for n in ("pp", "dp", "ep"))
-            self.data_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
+            self.data_mesh = self.mesh["dp", "ep"]._flatten("dp_ep")
+            self.data_group = self.data_mesh.get_group()
             self.pp_rank, self.dp_rank, self.ep_rank = (self.mesh.get_local_rank(n) for n in ("pp", "dp", "ep"))
             if pp > 2:  # first and last stage of each (dp, ep) column, for the tied MTP embedding (1F1B)
                 ranks = self.mesh.mesh  # [pp, dp, ep] global ranks
@@ -145,7 +146,7 @@ class ParallelPlan:
         if not self.distributed or self.data_world == 1 or self.pp > 1:
             return model
         if self.dp_shard:  # FSDP2 shards in place: the model is also what forward runs through
-            dp_mod.fsdp(model, self.mesh["dp"])
+            dp_mod.fsdp(model, self.data_mesh, self.mesh["dp"])
             self._sharded.add(id(model))
             return model
         wrapped = dp_mod.ddp(model, self.data_group, ignore or [])
@@ -184,6 +185,8 @@ class ParallelPlan:
         if isinstance(wrapped, Pipeline):
             wrapped.sync_tied_grads()
         if id(wrapped) in self._sharded:  # FSDP2 reduce-scattered (and averaged) the gradients in backward
+            if self.ep > 1:  # expert shards: averaged over their dp ranks, the global mean needs 1/(dp x ep)
+                dp_mod.scale_expert_grads(wrapped, 1.0 / self.ep)
             return
         if id(wrapped) in self._experts:  # DDP averaged the replicated parameters during backward
             self._experts[id(wrapped)].finish()
@@ -238,7 +241,7 @@ class ParallelPlan:
         if not self.distributed:
             return wrapped.state_dict()
         if id(wrapped) in self._sharded:
-            return dp_mod.full_tensors(wrapped.state_dict())
+            return ep_mod.gather_experts(wrapped, dp_mod.full_tensors(wrapped.state_dict()))
         if isinstance(wrapped, Pipeline):
             state = ep_mod.gather_experts(nn.ModuleList([s.model for s in wrapped.stages]), {})
             local = wrapped.stage_state_dict()
