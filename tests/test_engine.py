@@ -377,3 +377,17 @@ def test_generate_cli_plain_chat_and_errors(saved_model, capsys, monkeypatch, tm
     assert "--tokenizer" in capsys.readouterr().err
     assert main(["generate", "--model", str(bare), "--prompt", "x", "--tokenizer", str(saved_model / "tokenizer.json"),
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
+
+
+def test_compiled_engine_matches_eager():
+    """`compile=True` (torch.compile of the decode, verify and draft steps, C++ wrapper): a batch of mixed-length
+    prompts and speculative decoding give the eager engine's greedy tokens."""
+    torch.manual_seed(0)
+    m = Transformer(micro_config(vocab_size=256)).eval()
+    randomize_bias(m)
+    eager, comp = Engine(m, None, dtype="fp32"), Engine(m, None, dtype="fp32", compile=True)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    want = eager.generate(prompts, max_new_tokens=12, ignore_eos=True).tokens
+    assert comp.generate(prompts, max_new_tokens=12, ignore_eos=True).tokens == want
+    spec = comp.generate(prompts[0], max_new_tokens=12, ignore_eos=True, speculative=2)
+    assert spec.tokens == [want[0]]
