@@ -140,9 +140,9 @@ class ParallelPlan:
     def data_parallel(self, model: nn.Module, ignore: list[nn.Parameter] | None = None) -> nn.Module:
         """The module to run forward/backward through: `DistributedDataParallel` over the dp x ep ranks
         (expert shards averaged over dp by async hooks, `dp.ExpertGradSync`) when this rank has data-parallel
-        peers and no pipeline, else `model` itself. Call after `wrap` (and FP8 conversion); keep using `model`
-        for everything else (optimizer, checkpoints, evaluation). `ignore`: parameters without a gradient in
-        this run (DDP would wait for them forever)."""
+        peers and no pipeline; with `dp_shard`, `model` itself after FSDP2 sharded it in place; else `model`.
+        Call after `wrap` (and FP8 conversion); keep using `model` for everything else (optimizer, checkpoints,
+        evaluation). `ignore`: parameters without a gradient in this run (DDP would wait for them forever)."""
         if not self.distributed or self.data_world == 1 or self.pp > 1:
             return model
         if self.dp_shard:  # FSDP2 shards in place: the model is also what forward runs through

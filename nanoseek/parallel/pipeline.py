@@ -103,7 +103,7 @@ class StageModule(nn.Module):
         self.model = stage_view(model, layers, self.is_first, self.is_last, use_mtp)
         self.seq_alpha = self.batch_alpha = 0.0  # MoE balance losses (set by `Pipeline.set_balance_losses`)
         self.aux_scale = 1.0  # d(loss) / d(balance loss): 1 / micro-batches
-        self.aux_sum = torch.zeros(())  # balance losses of this step's micro-batches, for logging
+        self.aux_sum: float | torch.Tensor = 0.0  # balance losses of this step's micro-batches, for logging
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None):
         """x: tokens [b, T] (first stage) or hidden [b, T, d]; tokens: the micro-batch's tokens (for MTP)."""
@@ -114,7 +114,7 @@ class StageModule(nn.Module):
         if torch.is_grad_enabled() and (self.seq_alpha or self.batch_alpha):
             aux = router_losses(m, self.seq_alpha, self.batch_alpha)  # this stage's MoE layers (MTP's included)
             if aux is not None:
-                self.aux_sum = self.aux_sum + aux.detach().float().cpu()
+                self.aux_sum = self.aux_sum + aux.detach().float()  # stays on device: no host sync here
                 out = _AttachAux.apply(out, aux, self.aux_scale)
         return out if not self.is_last else (out, *mtp)
 
@@ -234,12 +234,13 @@ class Pipeline(nn.Module):
         losses: list[torch.Tensor] = []
         self._parts = []
         for s in self.stages:
-            s.aux_sum = torch.zeros(())
+            s.aux_sum = 0.0
         args = (tokens,) if self.stages[0].is_first else ()
         self.schedule.step(*args, target=targets, losses=losses, tokens=tokens, return_outputs=False)
         total = self._gather_loss(losses)
         if any(s.seq_alpha or s.batch_alpha for s in self.stages):  # the balance losses, summed over stages
-            aux = sum(s.aux_sum for s in self.stages).double().reshape(1).to(self.device) / self.n_microbatches
+            aux = sum(s.aux_sum for s in self.stages)
+            aux = torch.as_tensor(aux, dtype=torch.float64, device=self.device).reshape(1) / self.n_microbatches
             dist.all_reduce(aux, group=self.group)
             self.last_parts["aux_loss"] = aux.item()
             total = total + aux[0].float().cpu()
