@@ -161,6 +161,7 @@ class Engine:
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.compiled = compile
         self._step, self.verify, self.draft = self._decode_eager, self._verify_eager, self._draft_eager
+        self.greedy_step = self._greedy_step_eager
         if compile:
             # cpp_wrapper: inductor calls its kernels from generated C++ instead of Python, which removes most of
             # the per-call Python overhead of a decode step (batch 1, 2 threads, interleaved: 789 -> 872 decode
@@ -169,6 +170,7 @@ class Engine:
             self._step = torch.compile(self._decode_eager, dynamic=True, options=opts)
             self.verify = torch.compile(self._verify_eager, dynamic=True, options=opts)
             self.draft = torch.compile(self._draft_eager, dynamic=True, options=opts)
+            self.greedy_step = torch.compile(self._greedy_step_eager, dynamic=True, options=opts)
 
     @classmethod
     def load(
@@ -246,6 +248,20 @@ class Engine:
         """MTP module `depth` over (h_prev [1, T, d], tokens [1, T]) -> (h [1, T, d], last logits [1, V])."""
         h = self.model.mtp_step(depth, h_prev, tokens, start_pos=start_pos, cache=cache)
         return h, self.model.mtp_logits_from_hidden(depth, h[:, -1])
+
+    def _greedy_step_eager(self, tokens, start_pos: int, caches, mtp_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole greedy speculative step in one call: the main model over tokens [1, T] = [t_N, d_1..] at
+        slots start_pos.., then MTP depth 0 over the same slots fed with the main model's own argmaxes.
+        -> (ids [2, T]: row 0 the main argmax at each slot, row 1 depth 0's draft from there; h^1 [1, T, d]).
+
+        Why this is exact: if the first a drafts are accepted, the committed tokens after slot N+j (j <= a) are
+        the main argmaxes, so depth 0's entries at those slots are the final ones and its output at slot N+a is
+        the next step's first draft. Entries past N+a are rewritten by the next step."""
+        h = self.model.hidden(tokens, start_pos=start_pos, caches=caches)
+        target = self.model.logits(h).argmax(dim=-1)  # [1, T]
+        g = self.model.mtp_step(0, h, target, start_pos=start_pos, cache=mtp_cache)
+        draft = self.model.mtp_logits_from_hidden(0, g).argmax(dim=-1)  # [1, T]
+        return torch.cat([target, draft]), g
 
     def decode(self, tokens: torch.Tensor, st: DecodeState) -> torch.Tensor:
         """One step: the last sampled ids [B] -> next-token logits [B, V]."""

@@ -22,6 +22,11 @@ rejection sample from norm(max(0, p - q)) and stop; if all k are accepted sample
 The committed tokens are then distributed exactly as if sampled from p token by token. Greedy decoding
 accepts d iff it equals the main model's argmax, so the output equals plain greedy decoding.
 
+Greedy with one depth (k = 1, or V3's single module chained for k > 1) takes a shorter loop: one model call
+per step verifies the drafts AND runs depth 0 over the same slots on the main model's argmaxes, which are the
+committed tokens wherever drafts are accepted, so the next first draft comes out of the same call
+(`_greedy_one_depth`). The general loop is the reference for sampling and for several depths.
+
 Batch 1 only: rows of a batch would accept different numbers of drafts and their caches would drift apart.
 (The model's key_valid masking could express that as per-row holes in a shared cache; not done here.)
 """
@@ -94,6 +99,9 @@ def speculative_generate(
         q = probs(logits, params)
         return int(draw(q, gen)), q
 
+    if params.greedy and depths == 1:
+        return _greedy_one_depth(engine, prompt, k, out, main, mtp[0], used_caches=caches[: L + 1])
+
     t0 = time.perf_counter()
     h = model.hidden(torch.tensor([prompt]), caches=main)  # [1, P, d]
     first = propose(model.logits(h[:, -1])[0])[0]  # from the main model: propose == sample here
@@ -143,17 +151,66 @@ def speculative_generate(
                 done = True
                 break
     t2 = time.perf_counter()
+    return _result(engine, out, P, t1 - t0, t2 - t1, steps, committed, accepted, caches[: L + depths])
+
+
+def _result(engine, out: RowOutput, P: int, prefill_s, decode_s, steps, committed, accepted, caches) -> Generation:
+    k = len(accepted)
     return Generation(
         tokens=[out.tokens],
         texts=[out.text] if engine.tokenizer is not None else None,
         finish_reasons=[out.finish_reason],
         prompt_tokens=[P],
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
         main_forwards=1 + steps,
-        kv_cache_bytes_per_token=sum(c.bytes_per_token() for c in caches[: L + depths]),
+        kv_cache_bytes_per_token=sum(c.bytes_per_token() for c in caches),
         acceptance_rate=sum(accepted) / (k * steps) if steps else 0.0,
         acceptance_per_position=[a / steps if steps else 0.0 for a in accepted],
         tokens_per_forward=committed / steps if steps else 1.0,
         extra={"draft_tokens": k, "speculative_steps": steps},
     )
+
+
+def _greedy_one_depth(engine, prompt: list[int], k: int, out: RowOutput, main, mtp0, used_caches) -> Generation:
+    """Greedy decoding when only MTP depth 0 is used as such (k = 1, or V3's single module chained for k > 1):
+    one model call per step (`Engine.greedy_step`: verify + the next first draft) and one host sync.
+
+    The general loop above needs a draft call and a verify call per step, the draft re-reading the accepted
+    positions; here depth 0 runs inside the verify call on the main model's argmaxes, which are the committed
+    tokens wherever drafts were accepted (see `Engine._greedy_step_eager`). Drafts 2..k chain depth 0 from
+    its output at the last accepted slot, one extra call each, writing slots the next step rewrites."""
+    model = engine.model
+    P = len(prompt)
+    t0 = time.perf_counter()
+    h = model.hidden(torch.tensor([prompt]), caches=main)  # [1, P, d]
+    first = int(model.logits(h[:, -1]).argmax())
+    # depth 0 over the prompt: position i reads (h_i, t_{i+1}); its last output proposes t_{P+1}
+    g = model.mtp_step(0, h, torch.tensor([[*prompt[1:], first]]), cache=mtp0)[:, -1:]
+    drafts = [int(model.mtp_logits_from_hidden(0, g[:, -1]).argmax())]
+    N, pending = P, first  # slots [0, N) are final in both caches; `pending` = t_N is committed but not fed
+    done = out.add(first)
+    steps, committed = 0, 0
+    accepted = [0] * k
+    t1 = time.perf_counter()
+    while not done:
+        for m in range(1, k):  # chain depth 0 beyond its own slot: draft m+1 at slot N + m - 1
+            g, logits = engine.draft(0, g, torch.tensor([[drafts[-1]]]), N + m - 1, mtp0)
+            drafts.append(int(logits[0].argmax()))
+        ids, g_all = engine.greedy_step(torch.tensor([[pending, *drafts]]), N, main, mtp0)
+        target, proposed = ids.tolist()  # the one host sync of a step
+        a = 0
+        while a < k and drafts[a] == target[a]:
+            a += 1
+        steps += 1
+        committed += a + 1
+        for j in range(a):
+            accepted[j] += 1
+        for t in target[: a + 1]:
+            if out.add(t):
+                done = True
+                break
+        N, pending = N + a + 1, target[a]
+        drafts, g = [proposed[a]], g_all[:, a : a + 1]
+    t2 = time.perf_counter()
+    return _result(engine, out, P, t1 - t0, t2 - t1, steps, committed, accepted, used_caches)

@@ -379,6 +379,24 @@ def test_generate_cli_plain_chat_and_errors(saved_model, capsys, monkeypatch, tm
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
 
 
+def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):
+    """`nanoseek bench decode --quick` end to end on a micro model: every arm ran, and the greedy tokens of
+    our fp32 engine equal transformers' and plain == speculative (the arms measure the same decoding)."""
+    pytest.importorskip("transformers")
+    from nanoseek import bench_decode
+
+    r = bench_decode.run(quick=True, out_dir=tmp_path, model=str(saved_model))
+    assert json.loads((tmp_path / "bench_decode.json").read_text())["tokens_per_s"] == r["tokens_per_s"]
+    want = {f"ours_{d}_{arm}" for d in ("bf16", "fp32") for arm in ("b1", "b8", "speculative_k1_b1")}
+    assert want | {"transformers_fp32_b1", "transformers_bf16_b8"} <= r["tokens_per_s"].keys()
+    assert r["arms_compared"]["ours_eager"] in r["tokens_per_s"] and r["speedup_vs_transformers"] > 0
+    agree = r["greedy_agreement"]
+    assert agree["ours_fp32_vs_transformers_fp32"] == agree["ours_fp32_b8_vs_transformers_fp32_b8"] == 1.0
+    assert agree["speculative_k1_vs_plain_fp32"] == agree["speculative_k2_vs_plain_fp32"] == 1.0
+    assert 0 <= r["acceptance_rate"] <= 1 and len(r["acceptance_per_position_k2"]) == 2
+    assert r["batch1_prompts"] == 2 and all(g["value"] is None or g["value"] >= 0 for g in r["goals"])
+
+
 def test_compiled_engine_matches_eager():
     """`compile=True` (torch.compile of the decode, verify and draft steps, C++ wrapper): a batch of mixed-length
     prompts and speculative decoding give the eager engine's greedy tokens."""
