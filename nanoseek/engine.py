@@ -7,9 +7,11 @@
   row decodes exactly as it would alone.
 - bf16 by default (fp32 on request), always under `torch.inference_mode()`. Per step the only host sync is
   reading the sampled ids (for EOS / stop strings); the Python per step is the model's own forward.
-- `compile=True` compiles the decode step with `torch.compile` (opt-in: ~20-60 s the first time). With few
-  tokens per forward the MoE takes its gather path (each token's K experts' weights gathered and applied
-  with one bmm: static shapes, no host sync), which dynamo traces. The eager path is the reference.
+- `compile=True` compiles the decode step with `torch.compile` (opt-in: ~40-100 s the first time; greedy
+  decoding compiles a chunk of GREEDY_CHUNK steps as one graph, so the per-call costs are paid per chunk,
+  and greedy speculative decoding its one-call step). With few tokens per forward the MoE takes its gather
+  path (each token's K experts' weights gathered and applied with one bmm: static shapes, no host sync),
+  which dynamo traces. The eager path is the reference.
 - Speculative decoding with the model's own MTP modules lives in `nanoseek.speculative`; sampling, stop
   strings and streaming text in `nanoseek.sampling`.
 
@@ -29,6 +31,7 @@ from .errors import NanoseekError
 from .sampling import SamplingParams, TextStream, sample
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GREEDY_CHUNK = 4  # greedy decode steps per call of the compiled engine (see `Engine._greedy_chunk_eager`)
 
 
 @dataclass
@@ -161,7 +164,7 @@ class Engine:
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.compiled = compile
         self._step, self.verify, self.draft = self._decode_eager, self._verify_eager, self._draft_eager
-        self.greedy_step = self._greedy_step_eager
+        self.greedy_step, self.greedy_chunk = self._greedy_step_eager, self._greedy_chunk_eager
         if compile:
             # cpp_wrapper: inductor calls its kernels from generated C++ instead of Python, which removes most of
             # the per-call Python overhead of a decode step (batch 1, 2 threads, interleaved: 789 -> 872 decode
@@ -171,6 +174,7 @@ class Engine:
             self.verify = torch.compile(self._verify_eager, dynamic=True, options=opts)
             self.draft = torch.compile(self._draft_eager, dynamic=True, options=opts)
             self.greedy_step = torch.compile(self._greedy_step_eager, dynamic=True, options=opts)
+            self.greedy_chunk = torch.compile(self._greedy_chunk_eager, dynamic=True, options=opts)
 
     @classmethod
     def load(
@@ -263,6 +267,21 @@ class Engine:
         draft = self.model.mtp_logits_from_hidden(0, g).argmax(dim=-1)  # [1, T]
         return torch.cat([target, draft]), g
 
+    def _greedy_chunk_eager(self, tokens, start_pos: int, caches, positions, key_valid) -> torch.Tensor:
+        """GREEDY_CHUNK greedy decode steps in one call: the last ids [B] -> the next ids [B, GREEDY_CHUNK].
+
+        Compiled, this is one graph for several tokens, so the per-call costs of a compiled step (dynamo's
+        guards, flattening ~100 parameter and cache tensors, the host sync) are paid once per chunk rather
+        than per token. A row that ends inside a chunk (EOS, stop string) ignores the rest of it; the extra
+        cache writes land in slots nobody reads."""
+        out = []
+        for i in range(GREEDY_CHUNK):
+            pos = None if positions is None else positions + i
+            logits = self._decode_eager(tokens[:, None], start_pos + i, caches, pos, key_valid)
+            tokens = logits.argmax(dim=-1)
+            out.append(tokens)
+        return torch.stack(out, dim=1)
+
     def decode(self, tokens: torch.Tensor, st: DecodeState) -> torch.Tensor:
         """One step: the last sampled ids [B] -> next-token logits [B, V]."""
         logits = self._step(tokens[:, None], st.pos, st.caches, st.positions(1), st.key_valid)
@@ -328,7 +347,16 @@ class Engine:
         done = [r.add(t) for r, t in zip(rows, tok.tolist(), strict=True)]
         t1 = time.perf_counter()
         forwards = 1
+        chunk = GREEDY_CHUNK if self.compiled and sampling.greedy else 1
         while not all(done):
+            if chunk > 1 and max_new_tokens - forwards >= chunk:  # `forwards - 1` decode steps made so far
+                nxt = self.greedy_chunk(tok, st.pos, st.caches, st.positions(1), st.key_valid)  # [B, chunk]
+                st.pos += chunk
+                forwards += chunk
+                for step in zip(*nxt.tolist()):  # the one host sync per chunk
+                    done = [r.add(t) for r, t in zip(rows, step, strict=True)]
+                tok = nxt[:, -1]
+                continue
             tok = sample(self.decode(tok, st), sampling, gen)
             forwards += 1
             done = [r.add(t) for r, t in zip(rows, tok.tolist(), strict=True)]  # the one host sync per step

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -398,14 +399,18 @@ def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):
 
 
 def test_compiled_engine_matches_eager():
-    """`compile=True` (torch.compile of the decode, verify and draft steps, C++ wrapper): a batch of mixed-length
-    prompts and speculative decoding give the eager engine's greedy tokens."""
+    """`compile=True` (torch.compile of the decode step, the greedy chunk of 4 steps, and the speculative steps,
+    C++ wrapper): a batch of mixed-length prompts and speculative decoding give the eager engine's greedy
+    tokens."""
     torch.manual_seed(0)
     m = Transformer(micro_config(vocab_size=256)).eval()
     randomize_bias(m)
     eager, comp = Engine(m, None, dtype="fp32"), Engine(m, None, dtype="fp32", compile=True)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     want = eager.generate(prompts, max_new_tokens=12, ignore_eos=True).tokens
-    assert comp.generate(prompts, max_new_tokens=12, ignore_eos=True).tokens == want
+    with patch.object(comp, "greedy_chunk", wraps=comp.greedy_chunk) as chunk:
+        got = comp.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert got.tokens == want and got.main_forwards == 12
+    assert chunk.call_count == 2  # 11 decode steps: two compiled chunks of 4 greedy steps, then 3 single steps
     spec = comp.generate(prompts[0], max_new_tokens=12, ignore_eos=True, speculative=2)
     assert spec.tokens == [want[0]]
