@@ -174,7 +174,7 @@ def _result(engine, out: RowOutput, P: int, prefill_s, decode_s, steps, committe
 
 def _greedy_one_depth(engine, prompt: list[int], k: int, out: RowOutput, main, mtp0, used_caches) -> Generation:
     """Greedy decoding when only MTP depth 0 is used as such (k = 1, or V3's single module chained for k > 1):
-    one model call per step (`Engine.greedy_step`: verify + the next first draft) and one host sync.
+    one model call per step (`Engine.greedy_step`: verify + the next first draft) and, for k = 1, one host sync.
 
     The general loop above needs a draft call and a verify call per step, the draft re-reading the accepted
     positions; here depth 0 runs inside the verify call on the main model's argmaxes, which are the committed
