@@ -2,8 +2,11 @@
 
 Loss-free balancing (Wang et al. 2024; V3 §2.1.2): after every optimizer step, each expert's routing bias
 b_i moves by a fixed γ towards balance, b_i += γ · sign(mean_load − load_i), with the loads counted over the
-whole (global) batch of the step. The bias only changes which experts are *selected*; it never enters the
-gate weights or the gradient. The update runs outside autograd, from an optimizer step hook.
+whole (global) batch of the step. The paper's proportional variant (its Table 3; `rule="proportional"`) moves
+by γ times the relative load error instead, b_i += γ · (mean_load − load_i) / mean_load: large steps while the
+router is far from balance (early training, when it drifts fastest), small ones near balance (no ±γ dither).
+The bias only changes which experts are *selected*; it never enters the gate weights or the gradient. The
+update runs outside autograd, from an optimizer step hook.
 
 Losses (each returns a scalar to add to the training loss):
 - `seq_aux_loss`: V3's complementary sequence-wise loss, α Σ_i f_i P_i per sequence (eqs. 17-20), with
@@ -83,7 +86,12 @@ class LossFreeBalancer:
     global batch), records MaxVio_batch, updates the biases when γ > 0, and zeroes the counters.
     """
 
-    def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None):
+    RULES = ("sign", "proportional")
+
+    def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None, rule: str = "sign"):
+        if rule not in self.RULES:
+            raise ValueError(f"bias update rule must be one of {self.RULES}, got {rule!r}")
+        self.rule = rule
         # main-model MoE layers first, then the MTP layers' (all are updated; MaxVio reports the main ones)
         main = [
             m for n, m in model.named_modules() if isinstance(m, MoE) and not (n.startswith("mtp.") or ".mtp." in n)
@@ -112,8 +120,10 @@ class LossFreeBalancer:
         for moe, c in zip(self.layers, counts):
             bias = moe.gate.e_score_correction_bias
             if self.rate and bias is not None and c.sum() > 0:
-                err = c.float().mean() - c.float()  # > 0: under-loaded, raise its bias
-                bias += self.rate * torch.sign(err).to(bias)
+                mean = c.float().mean()
+                err = mean - c.float()  # > 0: under-loaded, raise its bias
+                step = torch.sign(err) if self.rule == "sign" else err / mean
+                bias += self.rate * step.to(bias)
             moe.tokens_per_expert.zero_()
 
     def reset(self) -> None:

@@ -168,7 +168,7 @@ class Trainer:
             self.model.set_balance_losses(self.seq_alpha, self.batch_alpha)
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
         rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
-        self.balancer = LossFreeBalancer(self.model, rate, group=self.plan.counts_group)
+        self.balancer = LossFreeBalancer(self.model, rate, group=self.plan.counts_group, rule=tc.bias_update)
         self.balancer.attach(self.optimizer)
         self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
 

@@ -62,6 +62,11 @@ class TrainConfig:
     # load balancing
     balance: str = _f("loss-free", "loss-free | aux | none", choices=["loss-free", "aux", "none"])
     bias_update_rate: float = _f(1e-3, "loss-free bias step gamma")
+    bias_update: str = _f(
+        "sign",
+        "loss-free bias rule: sign (b += gamma*sign(err), V3) | proportional (b += gamma*err/mean load)",
+        choices=["sign", "proportional"],
+    )
     seq_aux_alpha: float | None = _f(None, "sequence-wise balance loss alpha (default 1e-4 with loss-free, else 0)")
     aux_alpha: float = _f(1e-3, "classic auxiliary balance loss alpha (used with --balance aux)")
     # multi-token prediction
@@ -171,6 +176,8 @@ def validate(tc: TrainConfig) -> None:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(tc, name)}")
     if tc.lr <= 0:
         bad(f"--lr must be > 0, got {tc.lr}")
+    if tc.bias_update not in ("sign", "proportional"):
+        bad(f"--bias-update must be sign|proportional, got {tc.bias_update!r}")
     if tc.shuffle_rows is not None and tc.shuffle_rows < 0:
         bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
     if tc.eval_tokens < tc.seq_len + 1:

@@ -167,6 +167,32 @@ def test_loss_free_bias_lowers_an_overloaded_expert_and_maxvio_falls():
     assert moe.gate.weight.grad is None  # the update never touched the gate weights or autograd
 
 
+def test_proportional_bias_rule_moves_by_the_relative_load_error():
+    """`--bias-update proportional`: b_i += γ (mean − load_i) / mean, so one step is exactly that (not ±γ), and
+    repeated steps balance the skewed router too."""
+    cfg = get_preset("tiny", hidden_size=32, n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, 0, 0.05)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.3
+    bal = LossFreeBalancer(torch.nn.Sequential(moe), rate=1e-2, rule="proportional")
+    x = torch.randn(256, 32) + 1.0
+    with torch.no_grad():
+        moe(x)
+    counts = moe.tokens_per_expert.clone().double()
+    bal.step()
+    want = 1e-2 * (counts.mean() - counts) / counts.mean()
+    assert torch.allclose(moe.gate.e_score_correction_bias.double(), want, atol=1e-7)
+    assert want.abs().max() > 2e-2  # far from balance: steps larger than the sign rule's ±γ
+    for _ in range(150):
+        with torch.no_grad():
+            moe(x)
+        bal.step()
+    assert bal.maxvio_batch()[0] < 0.5
+    with pytest.raises(ValueError, match="bias update rule"):
+        LossFreeBalancer(torch.nn.Sequential(moe), rule="median")
+
+
 def test_seq_aux_loss_and_batch_loss_equal_hand_computation():
     torch.manual_seed(3)
     B, T, E, K, alpha = 2, 5, 4, 2, 0.1
