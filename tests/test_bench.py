@@ -66,6 +66,8 @@ def test_balance_quick(suite):
     arms = res["balance"]["arms"]
     assert {a["balance"] for a in arms} == {"loss-free", "aux", "none"}
     assert sorted(a["alpha"] for a in arms if a["balance"] == "aux") == [1e-3, 1e-2]
+    rules = [(a["gamma"], a["bias_update"]) for a in arms if a["balance"] == "loss-free"]
+    assert rules == [(1e-3, "sign"), (1e-2, "sign"), (1e-2, "proportional")]
     for a in arms:
         assert {"balance", "alpha", "maxvio_global", "val_loss", "seeds", "tokens"} <= set(a)
         assert finite(a["val_loss"]) and 0 < a["val_loss"] < 20

@@ -1,11 +1,12 @@
 """`nanoseek bench balance`: auxiliary-loss-free load balancing vs an auxiliary balance loss vs nothing.
 
 A 16-expert `tiny` model (1 shared + 16 routed experts, top-2, sigmoid gate, group-limited routing, no MTP)
-is trained four ways on the same data order and seeds (Wang et al. 2408.15664; V3 §2.1.2):
+is trained six ways on the same data order and seeds (Wang et al. 2408.15664; V3 §2.1.2):
 - loss-free: the routing bias moves by ±γ per step towards balance (no balance loss at all, so the arm
   is the pure method of the paper, not V3's loss-free + tiny sequence-wise loss);
 - aux α=1e-3 (the paper's baseline) and aux α=1e-2: the classic batch-level balance loss α Σ f_i P_i;
-- none: neither.
+- none: neither;
+- loss-free with the paper's proportional rule (b_i += u · relative load error, u = 1e-2; its Table 3).
 Measured: MaxVio_batch every step, MaxVio_global over the validation tokens at each evaluation, validation
 loss. MaxVio_batch has a sampling floor even for a perfectly fair router, ≈ 1.8·√((1−K/N)/(T·K/N)) for T
 tokens per batch (paper-targets §1), printed beside the curves.
@@ -36,6 +37,7 @@ from .common import (
 
 TITLE = "Load balancing: auxiliary-loss-free bias vs auxiliary loss vs none"
 GAMMAS = (1e-3, 1e-2)  # loss-free arms: V3's γ first, then a 10x larger step for this short run
+PROPORTIONAL = 1e-2  # and the paper's proportional rule (its best u in Table 3)
 AUX_ALPHAS = (1e-3, 1e-2)
 STEPS, QUICK_STEPS = 1000, 4
 SEEDS = 1
@@ -44,6 +46,9 @@ VAL_TOKENS = 1 << 20  # more than the stdlib's validation split holds: evaluate 
 
 def arms() -> list[dict]:
     out = [dict(label=f"loss-free γ={g:g}", balance="loss-free", gamma=g, alpha=0.0) for g in GAMMAS]
+    u = PROPORTIONAL
+    prop = dict(label=f"loss-free proportional u={u:g}", balance="loss-free", gamma=u, alpha=0.0, rule="proportional")
+    out.append(prop)
     out += [dict(label=f"aux α={a:g}", balance="aux", gamma=0.0, alpha=a) for a in AUX_ALPHAS]
     out.append(dict(label="none", balance="none", gamma=0.0, alpha=0.0))
     return out
@@ -78,6 +83,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
             kw = dict(settings, balance=arm["balance"], seq_aux_alpha=0.0)
             if arm["balance"] == "loss-free":
                 kw["bias_update_rate"] = arm["gamma"]
+                kw["bias_update"] = arm.get("rule", "sign")
             if arm["balance"] == "aux":
                 kw["aux_alpha"] = arm["alpha"]
             slug = arm["label"].replace(" ", "_").replace("=", "").replace("γ", "g").replace("α", "a")
@@ -91,6 +97,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
                 "balance": arm["balance"],
                 "alpha": arm["alpha"],
                 "gamma": arm["gamma"],
+                "bias_update": arm.get("rule", "sign") if arm["balance"] == "loss-free" else None,
                 "val_loss": vl,
                 "val_loss_std": vl_sd,
                 "maxvio_global": vg,
