@@ -306,13 +306,13 @@ class Pooled:
         if gens[0].acceptance_rate is None or not sum(steps):
             self.acceptance_rate = self.acceptance_per_position = self.tokens_per_forward = None
             return
-        total = sum(steps)
-        self.acceptance_rate = sum(g.acceptance_rate * s for g, s in zip(gens, steps, strict=True)) / total
-        self.acceptance_per_position = [
-            sum(g.acceptance_per_position[j] * s for g, s in zip(gens, steps, strict=True)) / total
-            for j in range(len(gens[0].acceptance_per_position))
-        ]
-        self.tokens_per_forward = sum(g.tokens_per_forward * s for g, s in zip(gens, steps, strict=True)) / total
+
+        def per_step(values: list[float]) -> float:  # a mean over all speculative steps of all prompts
+            return sum(v * s for v, s in zip(values, steps, strict=True)) / sum(steps)
+
+        self.acceptance_rate = per_step([g.acceptance_rate for g in gens])
+        self.acceptance_per_position = [per_step(list(col)) for col in zip(*(g.acceptance_per_position for g in gens))]
+        self.tokens_per_forward = per_step([g.tokens_per_forward for g in gens])
 
 
 def _goal(text: str, value: float | None, target: float, trained: bool = True) -> dict:

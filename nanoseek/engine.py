@@ -170,11 +170,10 @@ class Engine:
             # the per-call Python overhead of a decode step (batch 1, 2 threads, interleaved: 789 -> 872 decode
             # tokens/s); the first compile takes longer (a C++ build)
             opts = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
-            self._step = torch.compile(self._decode_eager, dynamic=True, options=opts)
-            self.verify = torch.compile(self._verify_eager, dynamic=True, options=opts)
-            self.draft = torch.compile(self._draft_eager, dynamic=True, options=opts)
-            self.greedy_step = torch.compile(self._greedy_step_eager, dynamic=True, options=opts)
-            self.greedy_chunk = torch.compile(self._greedy_chunk_eager, dynamic=True, options=opts)
+            self._step, self.verify, self.draft, self.greedy_step, self.greedy_chunk = (
+                torch.compile(fn, dynamic=True, options=opts)
+                for fn in (self._step, self.verify, self.draft, self.greedy_step, self.greedy_chunk)
+            )
 
     @classmethod
     def load(

@@ -42,6 +42,14 @@ from .errors import NanoseekError
 from .sampling import SamplingParams, draw, probs
 
 
+def leading_matches(drafts: list[int], target: list[int]) -> int:
+    """Greedy acceptance: how many drafts, from the first, equal the main model's argmax at their slot."""
+    a = 0
+    while a < len(drafts) and drafts[a] == target[a]:
+        a += 1
+    return a
+
+
 def accept_drafts(
     logits: torch.Tensor,
     drafts: list[int],
@@ -54,9 +62,7 @@ def accept_drafts(
     k = len(drafts)
     if params.greedy:
         target = logits.argmax(dim=-1).tolist()
-        a = 0
-        while a < k and drafts[a] == target[a]:
-            a += 1
+        a = leading_matches(drafts, target)
         return a, target[a]
     p = probs(logits, params)  # [k+1, V]
     for j, d in enumerate(drafts):
@@ -199,9 +205,7 @@ def _greedy_one_depth(engine, prompt: list[int], k: int, out: RowOutput, main, m
             drafts.append(int(logits[0].argmax()))
         ids, g_all = engine.greedy_step(torch.tensor([[pending, *drafts]]), N, main, mtp0)
         target, proposed = ids.tolist()  # the one host sync of a step
-        a = 0
-        while a < k and drafts[a] == target[a]:
-            a += 1
+        a = leading_matches(drafts, target)
         steps += 1
         committed += a + 1
         for j in range(a):
