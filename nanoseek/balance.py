@@ -5,6 +5,13 @@ b_i moves by a fixed γ towards balance, b_i += γ · sign(mean_load − load_i)
 whole (global) batch of the step. The paper's proportional variant (its Table 3; `rule="proportional"`) moves
 by γ times the relative load error instead, b_i += γ · (mean_load − load_i) / mean_load: large steps while the
 router is far from balance (early training, when it drifts fastest), small ones near balance (no ±γ dither).
+The two rules also stop at different points. The sign rule is at rest when an expert is over the mean in half
+of the batches, i.e. it equalises the experts' *median* batch loads; the proportional rule equalises their
+*expected* loads. With V3's batches of millions of tokens the two coincide; with small batches whose content
+favours some experts now and then (a batch of a few files' text), the sign rule leaves those experts
+over-loaded on the whole stream (tests/test_train.py; BENCHMARKS.md, balance). `--bias-update-schedule lr`
+scales γ like the learning rate (the trainer sets `rate` every step): fast while the router drifts fast,
+quiet once the lr has decayed.
 The bias only changes which experts are *selected*; it never enters the gate weights or the gradient. The
 update runs outside autograd, from an optimizer step hook.
 

@@ -167,8 +167,8 @@ class Trainer:
         if self.plan.pp > 1:  # each stage adds its own layers' balance loss (see Pipeline.set_balance_losses)
             self.model.set_balance_losses(self.seq_alpha, self.batch_alpha)
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
-        rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
-        self.balancer = LossFreeBalancer(self.model, rate, group=self.plan.counts_group, rule=tc.bias_update)
+        self.bias_rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
+        self.balancer = LossFreeBalancer(self.model, self.bias_rate, group=self.plan.counts_group, rule=tc.bias_update)
         self.balancer.attach(self.optimizer)
         self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
 
@@ -253,6 +253,11 @@ class Trainer:
         if plan.distributed:
             sums = {k: plan.mean_over_data(v) for k, v in sums.items()}
         lr = self.scheduler.get_last_lr()[0]
+        if tc.bias_update_schedule == "lr":
+            # The router drifts at a speed proportional to the lr, and the bias's dither around balance grows
+            # with gamma: scaling gamma like the lr keeps it able to follow the drift at the peak while its
+            # noise shrinks as the lr decays (V3 itself ends with gamma = 0).
+            self.balancer.rate = self.bias_rate * lr / tc.lr
         if finite:
             self.optimizer.step()  # the loss-free balancer runs from this step's post-hook
             self.scheduler.step()
@@ -292,11 +297,13 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, batches: list[torch.Tensor] | None = None) -> dict:
+        """Loss and MaxVio_global over the validation batches (logged), or over `batches` (not logged)."""
         self.model.eval()
         capture_router(self.model, False)
         losses, mtp_losses, n = 0.0, 0.0, 0
-        for batch in self.val:  # every rank evaluates the same batches (EP peers must run the same forwards)
+        # every rank evaluates the same batches (EP peers must run the same forwards)
+        for batch in self.val if batches is None else batches:
             x, y = batch[:, :-1], batch[:, 1:]
             with self.autocast():
                 if self.plan.pp > 1:  # the pipeline reports the main and MTP parts of its loss
@@ -324,8 +331,9 @@ class Trainer:
             "val_expert_load": load,
             "val_tokens": n * self.tc.seq_len,
         }
-        self._log(rec)
-        self.last_eval = rec
+        if batches is None:
+            self._log(rec)
+            self.last_eval = rec
         return rec
 
     # --- checkpoints -----------------------------------------------------------------------------------------

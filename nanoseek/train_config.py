@@ -67,6 +67,11 @@ class TrainConfig:
         "loss-free bias rule: sign (b += gamma*sign(err), V3) | proportional (b += gamma*err/mean load)",
         choices=["sign", "proportional"],
     )
+    bias_update_schedule: str = _f(
+        "constant",
+        "loss-free gamma over training: constant | lr (scaled like the learning rate: warm-up, cosine decay)",
+        choices=["constant", "lr"],
+    )
     seq_aux_alpha: float | None = _f(None, "sequence-wise balance loss alpha (default 1e-4 with loss-free, else 0)")
     aux_alpha: float = _f(1e-3, "classic auxiliary balance loss alpha (used with --balance aux)")
     # multi-token prediction
@@ -178,6 +183,8 @@ def validate(tc: TrainConfig) -> None:
         bad(f"--lr must be > 0, got {tc.lr}")
     if tc.bias_update not in ("sign", "proportional"):
         bad(f"--bias-update must be sign|proportional, got {tc.bias_update!r}")
+    if tc.bias_update_schedule not in ("constant", "lr"):
+        bad(f"--bias-update-schedule must be constant|lr, got {tc.bias_update_schedule!r}")
     if tc.shuffle_rows is not None and tc.shuffle_rows < 0:
         bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
     if tc.eval_tokens < tc.seq_len + 1:

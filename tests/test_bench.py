@@ -66,12 +66,20 @@ def test_balance_quick(suite):
     arms = res["balance"]["arms"]
     assert {a["balance"] for a in arms} == {"loss-free", "aux", "none"}
     assert sorted(a["alpha"] for a in arms if a["balance"] == "aux") == [1e-3, 1e-2]
-    rules = [(a["gamma"], a["bias_update"]) for a in arms if a["balance"] == "loss-free"]
-    assert rules == [(1e-3, "sign"), (1e-2, "sign"), (1e-2, "proportional")]
+    rules = [(a["gamma"], a["bias_update"], a["bias_update_schedule"]) for a in arms if a["balance"] == "loss-free"]
+    assert rules == [
+        (1e-3, "sign", "constant"),
+        (1e-2, "sign", "constant"),
+        (1e-2, "proportional", "constant"),
+        (1e-2, "sign", "lr"),
+    ]
     for a in arms:
         assert {"balance", "alpha", "maxvio_global", "val_loss", "seeds", "tokens"} <= set(a)
         assert finite(a["val_loss"]) and 0 < a["val_loss"] < 20
-        assert finite(a["maxvio_global"]) and 0 <= a["maxvio_global"] <= 16 / 2 - 1  # at most N/K - 1
+        for k in ("maxvio_global", "maxvio_global_train"):  # at most N/K - 1
+            assert finite(a[k]) and 0 <= a[k] <= 16 / 2 - 1, k
+        assert finite(a["val_split_floor"]) and a["val_split_floor"] >= 0
+        assert finite(a["train_sample_floor"]) and a["train_sample_floor"] >= 0 and a["train_sample_tokens"] > 0
         assert a["seeds"] == 1 and a["tokens"] > 0
     for f in ("balance.md", "maxvio_batch.png", "maxvio_global.png", "val_loss.png", "result.json"):
         assert (root / "balance" / f).exists(), f

@@ -193,6 +193,61 @@ def test_proportional_bias_rule_moves_by_the_relative_load_error():
         LossFreeBalancer(torch.nn.Sequential(moe), rule="median")
 
 
+def test_sign_rule_balances_median_batch_loads_proportional_balances_the_mean():
+    """Why the proportional rule balances better on small batches: the sign rule stops moving when an expert is
+    over the mean load in half of the batches (its *median* batch load is the mean), the proportional one when
+    its *expected* load is. Batches whose content favours expert 0 one time in four (as a batch of a few files'
+    text can) leave it over-loaded on the whole stream under the sign rule, not under the proportional one."""
+    cfg = get_preset("tiny", hidden_size=32, n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    base = MoE(cfg)
+    torch.nn.init.normal_(base.gate.weight, 0, 0.05)
+    towards_0 = base.gate.weight[0].detach() / base.gate.weight[0].norm()
+
+    def batch(g: torch.Generator, favours_0: bool) -> torch.Tensor:
+        return torch.randn(128, 32, generator=g) + (2.0 * towards_0 if favours_0 else 0.0)
+
+    loads = {}
+    for rule, rate in (("sign", 2e-3), ("proportional", 2e-2)):
+        moe = MoE(cfg)
+        moe.load_state_dict(base.state_dict())
+        bal = LossFreeBalancer(torch.nn.Sequential(moe), rate=rate, rule=rule)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(600):
+                moe(batch(g, bool(torch.rand(1, generator=g).item() < 0.25)))
+                bal.step()
+            moe.tokens_per_expert.zero_()  # the load over a long stream with the same mix, bias fixed
+            g = torch.Generator().manual_seed(2)
+            for i in range(200):
+                moe(batch(g, i % 4 == 0))
+        loads[rule] = moe.tokens_per_expert.double() / moe.tokens_per_expert.double().mean()
+    assert loads["sign"][0] > 1.3  # measured 1.54
+    assert maxvio(loads["proportional"]) < 0.15  # measured 0.083 (the rest is sampling noise)
+
+
+def test_bias_update_schedule_lr_scales_gamma_like_the_learning_rate(tmp_path, corpus_dir):
+    """`--bias-update-schedule lr`: each step moves every bias by exactly ±γ·lr_t/lr (warm-up included), where
+    the constant schedule moves it by ±γ; a bad value is a one-line error."""
+    moved = {}
+    for schedule in ("constant", "lr"):
+        t = Trainer(
+            tc(tmp_path / schedule, corpus_dir, bias_update_rate=0.01, bias_update_schedule=schedule, warmup_steps=4)
+        )
+        bias = t.balancer.layers[0].gate.e_score_correction_bias
+        steps = []
+        for _ in range(3):
+            before, lr = bias.clone(), t.scheduler.get_last_lr()[0]
+            t.train_step()
+            steps.append(((bias - before).abs().max().item(), lr / t.tc.lr))
+        moved[schedule] = steps
+    assert [m for m, _ in moved["constant"]] == pytest.approx([0.01] * 3, abs=1e-6)
+    assert [s for _, s in moved["lr"]] == pytest.approx([0.25, 0.5, 0.75])  # the warm-up
+    assert [m for m, _ in moved["lr"]] == pytest.approx([0.0025, 0.005, 0.0075], abs=1e-6)
+    with pytest.raises(NanoseekError, match="--bias-update-schedule"):
+        Trainer(tc(tmp_path / "bad", corpus_dir, bias_update_schedule="cosine"))
+
+
 def test_seq_aux_loss_and_batch_loss_equal_hand_computation():
     torch.manual_seed(3)
     B, T, E, K, alpha = 2, 5, 4, 2, 0.1

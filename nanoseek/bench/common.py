@@ -170,6 +170,12 @@ def _finished_run(run: Path, record: dict) -> dict | None:
         saved = json.loads((run / ARM_FILE).read_text())
     except (OSError, ValueError):
         return None
+    # an option added since the arm was trained counts as its default (defaults keep the old behaviour)
+    from ..train_config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    if "train_config" in saved:
+        saved["train_config"] = {**json.loads(json.dumps(_comparable(defaults))), **saved["train_config"]}
     if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
         return None
     return saved.get("summary")
