@@ -214,3 +214,23 @@ def test_report_files_are_relative(suite):
     root, _ = suite
     text = (root / "balance" / "balance.md").read_text()
     assert "](maxvio_batch.png)" in text and f"]({root}" not in text
+
+
+def test_reuse_keeps_a_finished_arm_and_retrains_a_changed_one(tmp_path, session_corpus_dir):
+    """`--reuse` returns a finished arm whose settings match, also when it was recorded in another directory or
+    before an option with a default existed; a changed setting retrains it (and drops the stale record first)."""
+    from nanoseek.bench.common import ARM_FILE, base_settings, train_arm
+
+    opts = BenchOptions(quick=True, out=tmp_path, data=str(session_corpus_dir), threads=1, reuse=True)
+    s = base_settings(opts, mtp_depth=0, steps=2)
+    first = train_arm(opts, "arm", 0, **s)
+    record = tmp_path / "runs" / "arm-s0" / ARM_FILE
+    saved = json.loads(record.read_text())
+    del saved["train_config"]["bias_update_schedule"]  # as if recorded before that option existed
+    saved["train_config"]["out"] = "/elsewhere/arm-s0"  # and in another directory
+    record.write_text(json.dumps(saved))
+    again = train_arm(opts, "arm", 0, **s)
+    assert again.summary == first.summary  # the very same record: not retrained
+    changed = train_arm(opts, "arm", 0, **{**s, "lr": 1e-3})
+    assert changed.summary["wall_seconds"] != first.summary["wall_seconds"]
+    assert json.loads(record.read_text())["train_config"]["lr"] == 1e-3

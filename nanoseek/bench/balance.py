@@ -261,6 +261,14 @@ def run(opts: BenchOptions, report: Report) -> dict:
         ],
         title="Results (mean over seeds)",
     )
+    report.text(
+        'MaxVio_global is measured on the validation split (73 whole files). "MaxVio, training rows": the same '
+        f"measure over {results[0]['train_sample_tokens']:,} tokens of shuffled training rows (the distribution the "
+        'bias balances); "its floor": what that sample\'s own size leaves even for a perfectly balanced router '
+        '(half the MaxVio between its halves); "validation-split floor": the validation MaxVio of a router '
+        "exactly balanced on the training rows (the split's content shift): a router balanced on the training "
+        "distribution shows about that much imbalance on this split."
+    )
     report.table(
         ["paper (Wang et al. 1B, Table 2; V3 Table 5)", "aux-loss", "loss-free"],
         [
@@ -276,6 +284,16 @@ def run(opts: BenchOptions, report: Report) -> dict:
     for lf in (r for r in results if r["balance"] == "loss-free"):  # every γ is judged, none picked afterwards
         goals.append(
             goal(f"{lf['label']}: MaxVio_global ≤ 0.05", lf["maxvio_global"], "≤ 0.05", lf["maxvio_global"] <= 0.05)
+        )
+        # supplementary, not the issue's goal: the same bound on the training distribution (both floors beside it)
+        goals.append(
+            goal(
+                f"{lf['label']}: MaxVio on {lf['train_sample_tokens']:,} training-row tokens ≤ 0.05 (sample floor "
+                f"{lf['train_sample_floor']:.3f}; validation-split floor {lf['val_split_floor']:.3f})",
+                lf["maxvio_global_train"],
+                "≤ 0.05",
+                lf["maxvio_global_train"] <= 0.05,
+            )
         )
         for a in aux:
             ratio = a["maxvio_global"] / lf["maxvio_global"] if lf["maxvio_global"] else float("inf")

@@ -160,8 +160,8 @@ ARM_FILE = "bench_arm.json"  # written next to a finished arm's metrics: its set
 
 
 def _comparable(settings: dict) -> dict:
-    """Training settings that determine an arm's result (threads and progress display do not)."""
-    return {k: v for k, v in settings.items() if k not in ("threads", "progress", "resume")}
+    """Training settings that determine an arm's result (threads, progress display and the directory do not)."""
+    return {k: v for k, v in settings.items() if k not in ("threads", "progress", "resume", "out")}
 
 
 def _finished_run(run: Path, record: dict) -> dict | None:
@@ -175,7 +175,7 @@ def _finished_run(run: Path, record: dict) -> dict | None:
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     if "train_config" in saved:
-        saved["train_config"] = {**json.loads(json.dumps(_comparable(defaults))), **saved["train_config"]}
+        saved["train_config"] = _comparable({**json.loads(json.dumps(defaults)), **saved["train_config"]})
     if {k: saved.get(k) for k in record} != json.loads(json.dumps(record)):
         return None
     return saved.get("summary")
@@ -216,6 +216,7 @@ def train_arm(
         log(f"  {name} seed {seed}: reusing the finished run in {run}")
         trainer = Trainer(dataclasses.replace(tc, resume="latest")) if keep else None
     else:
+        (run / ARM_FILE).unlink(missing_ok=True)  # a stale record must not vouch for the run that replaces it
         trainer = Trainer(tc)
         t0 = time.perf_counter()
         summary = trainer.fit()
