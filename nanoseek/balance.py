@@ -11,7 +11,7 @@ of the batches, i.e. it equalises the experts' *median* batch loads; the proport
 favours some experts now and then (a batch of a few files' text), the sign rule leaves those experts
 over-loaded on the whole stream (tests/test_train.py; BENCHMARKS.md, balance). `--bias-update-schedule lr`
 scales γ like the learning rate (the trainer sets `rate` every step): fast while the router drifts fast,
-quiet once the lr has decayed.
+quiet once the lr has decayed (on the `tiny` bench, no better than a constant γ within the noise).
 The bias only changes which experts are *selected*; it never enters the gate weights or the gradient. The
 update runs outside autograd, from an optimizer step hook.
 

@@ -256,7 +256,8 @@ class Trainer:
         if tc.bias_update_schedule == "lr":
             # The router drifts at a speed proportional to the lr, and the bias's dither around balance grows
             # with gamma: scaling gamma like the lr keeps it able to follow the drift at the peak while its
-            # noise shrinks as the lr decays (V3 itself ends with gamma = 0).
+            # noise shrinks as the lr decays (V3 itself ends with gamma = 0). On the `tiny` balance bench it
+            # measured no better than a constant gamma (BENCHMARKS.md, balance).
             self.balancer.rate = self.bias_rate * lr / tc.lr
         if finite:
             self.optimizer.step()  # the loss-free balancer runs from this step's post-hook

@@ -10,8 +10,8 @@ is trained seven ways on the same data order and seeds (Wang et al. 2408.15664; 
 - loss-free with γ scaled like the learning rate (`--bias-update-schedule lr`: 1e-2 at the peak, 1e-3 at
   the end), so the bias follows the router's fast early drift and dithers less once the lr has decayed.
 Measured: MaxVio_batch every step, MaxVio_global over the validation tokens at each evaluation, validation
-loss; after training, MaxVio over as many shuffled training rows as the validation split holds and the
-validation split's own floor (`train_sample_maxvio`). MaxVio_batch has a sampling floor even for a perfectly
+loss; after training, MaxVio over 1M tokens of shuffled training rows and the floors of both measurements
+(`train_sample_maxvio`). MaxVio_batch has a sampling floor even for a perfectly
 fair router, ≈ 1.8·√((1−K/N)/(T·K/N)) for T tokens per batch (paper-targets §1), printed beside the curves.
 
 γ: the bias can move at most steps·γ over a run. V3's γ = 1e-3 was set for ~10^5 steps; over the 1000 steps
@@ -84,8 +84,8 @@ def _ratio_maxvio(num: list[list[int]], den: list[list[int]]) -> float:
 def train_sample_maxvio(trainer, seed: int, last_eval: dict, tokens: int) -> dict:
     """Balance of the trained router on shuffled *training* rows, and the floors of both measurements.
 
-    The validation split is 73 whole files (4% of the corpus, ~330k tokens): its expert loads carry those
-    files' content, so even a router balanced on the corpus shows an imbalance there (`val_split_floor`: the
+    The validation split is whole files (73 of them, ~330k tokens, for the stdlib corpus): its expert loads
+    carry those files' content, so even a router balanced on the corpus shows an imbalance there (`val_split_floor`: the
     validation MaxVio of a router exactly balanced on the training rows). `tokens` of rows drawn from the
     whole training split (another seed than the run's data order) measure the balance the bias reached on the
     distribution it was trained on (`maxvio_global_train`); that sample has a sampling floor of its own, since
@@ -262,7 +262,7 @@ def run(opts: BenchOptions, report: Report) -> dict:
         title="Results (mean over seeds)",
     )
     report.text(
-        'MaxVio_global is measured on the validation split (73 whole files). "MaxVio, training rows": the same '
+        'MaxVio_global is measured on the validation split (whole files). "MaxVio, training rows": the same '
         f"measure over {results[0]['train_sample_tokens']:,} tokens of shuffled training rows (the distribution the "
         'bias balances); "its floor": what that sample\'s own size leaves even for a perfectly balanced router '
         '(half the MaxVio between its halves); "validation-split floor": the validation MaxVio of a router '
