@@ -181,10 +181,10 @@ def validate(tc: TrainConfig) -> None:
             bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(tc, name)}")
     if tc.lr <= 0:
         bad(f"--lr must be > 0, got {tc.lr}")
-    if tc.bias_update not in ("sign", "proportional"):
-        bad(f"--bias-update must be sign|proportional, got {tc.bias_update!r}")
-    if tc.bias_update_schedule not in ("constant", "lr"):
-        bad(f"--bias-update-schedule must be constant|lr, got {tc.bias_update_schedule!r}")
+    for f in dataclasses.fields(tc):  # argparse checks `choices` on the command line; this covers the API too
+        value, choices = getattr(tc, f.name), f.metadata.get("choices")
+        if choices and value not in choices:
+            bad(f"--{f.name.replace('_', '-')} must be {'|'.join(choices)}, got {value!r}")
     if tc.shuffle_rows is not None and tc.shuffle_rows < 0:
         bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
     if tc.eval_tokens < tc.seq_len + 1:
