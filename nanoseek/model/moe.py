@@ -109,25 +109,33 @@ _TUNED: dict[tuple, str] = {}
 
 
 def _autotune_cpu(E: int, d: int, I: int, M: int, dtype: torch.dtype) -> str:
-    """Which CPU kernel is faster for this shape, measured once per process on balanced synthetic data.
+    """Which CPU kernel is faster for this shape, measured once per process on synthetic loads.
 
     It depends on the machine: with AMX (Intel) one padded bmm runs ~3x faster than `_grouped_mm` in bf16;
-    without it (e.g. AVX-512 AMD parts) they are even on balanced loads and `_grouped_mm` wins on skewed ones.
+    without it (e.g. AVX-512 AMD parts) they are even on balanced loads and `_grouped_mm` is 2x faster on
+    skewed ones (the bmm pads every expert to the hot ones). Both load shapes are timed — a balanced one and a
+    skewed one (the hottest expert ~4x the mean, as early in training) — and the kernel with the lower sum
+    wins; row counts are multiples of ROW_ALIGN, as `Experts.forward` feeds them.
     """
     import time
 
     key = (E, d, I, dtype)
     if key not in _TUNED:
-        per = max(16, min(M, 4096) // E)  # ~4k rows: long enough to rank the kernels, short enough to be cheap
-        counts = torch.full((E,), per, dtype=torch.long)
-        xs = torch.randn(E * per, d, dtype=dtype, requires_grad=True)
+        rows = max(16 * E, min(M, 4096))  # ~4k rows: long enough to rank the kernels, short enough to be cheap
+        skew = (1 - 4 / E) ** torch.arange(E, dtype=torch.float64) if E > 4 else torch.ones(E, dtype=torch.float64)
+        loads = []
+        for share in (torch.ones(E, dtype=torch.float64), skew):
+            c = (share / share.sum() * rows / ROW_ALIGN).ceil().long() * ROW_ALIGN
+            loads.append(c)
         w13 = torch.randn(E, d, 2 * I, dtype=dtype, requires_grad=True)
         w2 = torch.randn(E, I, d, dtype=dtype, requires_grad=True)
+        xs = [torch.randn(int(c.sum()), d, dtype=dtype, requires_grad=True) for c in loads]
         best = {"bmm": float("inf"), "grouped_mm": float("inf")}
         for rnd in range(3):  # the first round only warms up (allocations, kernel selection)
             for impl in best:
                 t = time.perf_counter()
-                sorted_swiglu(xs, w13, w2, counts, impl).sum().backward()
+                for x, c in zip(xs, loads):
+                    sorted_swiglu(x, w13, w2, c, impl).sum().backward()
                 if rnd:
                     best[impl] = min(best[impl], time.perf_counter() - t)
         _TUNED[key] = min(best, key=best.get)
@@ -200,12 +208,80 @@ def sorted_swiglu(
     return torch.cat(outs)
 
 
+ROW_ALIGN = 32
+"""On CPU each expert's rows are padded (with zero rows) to a multiple of this. The CPU GEMM library (oneDNN)
+builds, and caches, a kernel per matrix shape: with the routed load changing every step, unpadded per-expert
+row counts make nearly every GEMM a new shape (~0.2 ms to build, thrashing the cache); padded, each expert GEMM
+comes from a few dozen shapes. Costs at most ALIGN-1 zero rows per expert. Measured in BENCHMARKS.md (train)."""
+
+
+class Routing:
+    """Where each of the N*K token copies goes in the expert-sorted, padded row layout (host-side sizes).
+
+    Copy c = n*K + k of token n is routed to expert idx[n, k]. Expert e's rows are slots
+    [start_e, start_e + padded_e) of the sorted layout; its first counts_e slots hold its copies in token order
+    and the rest (padding) are zero rows whose outputs nobody reads."""
+
+    def __init__(self, idx: torch.Tensor, n_experts: int, align: int = 1):
+        N, K = idx.shape
+        flat = idx.reshape(-1)  # [M] expert of each copy
+        M, dev = flat.numel(), flat.device
+        counts = torch.bincount(flat, minlength=n_experts)  # [E]
+        padded = (counts + align - 1) // align * align if align > 1 else counts
+        order = flat.argsort(stable=True)  # copies grouped by expert
+        expert = flat[order]
+        slot = (padded.cumsum(0) - padded)[expert] + torch.arange(M, device=dev) - (counts.cumsum(0) - counts)[expert]
+        self.N, self.K, self.M = N, K, M
+        self.Mp = int(padded.sum()) if align > 1 else M
+        self.counts = padded  # rows per expert in the layout (what the expert GEMMs see)
+        self.slot_of_copy = torch.empty_like(order).index_copy_(0, order, slot)  # [M]
+        copy_of_slot = torch.full((self.Mp,), M, dtype=torch.long, device=dev).index_copy_(0, slot, order)
+        self.pad = (copy_of_slot == M) if self.Mp > M else None  # [Mp] padding slots
+        self.copy_of_slot = copy_of_slot.clamp_(max=M - 1)  # [Mp] (padding slots point anywhere; zeroed)
+        self.token_of_slot = self.copy_of_slot // K
+
+
+def _rows(src: torch.Tensor, index: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    out = src.index_select(0, index)
+    return out.masked_fill_(pad[:, None], 0) if pad is not None else out
+
+
+class _Dispatch(torch.autograd.Function):
+    """x [N, d] -> the sorted layout [Mp, d]. Both directions are gathers (no scatter-add: its CPU kernel is
+    serial and ~5x slower); the backward sums each token's K copies."""
+
+    @staticmethod
+    def forward(ctx, x, route):
+        ctx.route = route
+        return _rows(x, route.token_of_slot, route.pad)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = ctx.route
+        return g.index_select(0, r.slot_of_copy).view(r.N, r.K, -1).sum(dim=1), None
+
+
+class _Combine(torch.autograd.Function):
+    """Sorted layout [Mp, d] -> one row per token copy [N*K, d] (copy order); padding rows get zero grad."""
+
+    @staticmethod
+    def forward(ctx, ys, route):
+        ctx.route = route
+        return ys.index_select(0, route.slot_of_copy)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = ctx.route
+        return _rows(g.contiguous(), r.copy_of_slot, r.pad), None
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts stored as stacked weights (gate and up fused: w13[e] = [W_gateᵀ | W_upᵀ])."""
 
     def __init__(self, n_experts: int, dim: int, inter: int, impl: str = "auto"):
         super().__init__()
         self.n_experts, self.inter, self.impl = n_experts, inter, impl
+        self.row_align = ROW_ALIGN
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * inter))  # [E, d, 2I]
         self.w2 = nn.Parameter(torch.empty(n_experts, inter, dim))  # [E, I, d]
 
@@ -220,13 +296,10 @@ class Experts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.impl == "gather" or (self.impl == "auto" and self.n_experts >= N * K):  # decoding: few rows
             return self.gathered(x, idx, weights)
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # group the N*K token copies by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        token = order // K
-        ys = self.mlp_sorted(x[token], counts)  # [M, d]
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        route = Routing(idx, self.n_experts, self.row_align if x.device.type == "cpu" else 1)
+        ys = self.mlp_sorted(_Dispatch.apply(x, route), route.counts)  # [Mp, d], slots in expert order
+        yc = _Combine.apply(ys, route).view(N, K, -1)  # [N, K, d], each token's K expert outputs
+        return (yc * weights[..., None].to(yc.dtype)).sum(dim=1)
 
     def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Few tokens (decoding): gather each token's K experts' weights and apply them with one bmm. No sort,
