@@ -30,6 +30,7 @@ from . import checkpoint as ckpt
 from .atomic import atomic_dir, atomic_write_text
 from .balance import LossFreeBalancer, capture_router, maxvio, router_losses
 from .config import ModelConfig, get_preset
+from .cpu_malloc import keep_freed_memory
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
 from .errors import NanoseekError
 from .model import Transformer
@@ -142,6 +143,8 @@ class Trainer:
             max_nodes_per_token=tc.max_nodes_per_token, mtp_weight=tc.mtp_weight, dp_shard=tc.dp_shard,
         )  # fmt: skip
         self.is_main = self.plan.is_main
+        if tc.keep_freed_memory and self.plan.device.type == "cpu":
+            keep_freed_memory()
 
         # model, optimizer, schedule, balancing
         torch.manual_seed(tc.seed)

@@ -90,6 +90,9 @@ class TrainConfig:
     max_nan_skips: int = _f(5, "stop after this many consecutive non-finite losses")
     threads: int | None = _f(None, "torch intra-op threads (default: torch's choice)")
     compile: bool = _f(False, "torch.compile the model (eager stays the reference)")
+    keep_freed_memory: bool = _f(
+        True, "CPU: keep freed memory in glibc's heap instead of unmapping it (no page faults on each step's buffers)"
+    )
     plot: bool = _f(False, "render PNG plots into --out at the end")
     progress: bool = _f(True, "show a progress bar")
     # parallelism (launch with torchrun; data parallelism takes the remaining ranks)
