@@ -14,7 +14,7 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20)  # 64 MB = 16,384 pages, freed at once
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print([faults() for _ in range(4)][-1])
+print(max([faults() for _ in range(30)][-10:]))
 """
 
 
@@ -24,5 +24,6 @@ def test_keep_freed_memory_reuses_big_buffers_without_page_faults():
         out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
+    # the most page faults of one call among the last 10 of 30 (the heap settles within ~8 calls)
     assert last_faults("default") > 8000  # glibc maps a fresh 64 MB block each time: every page faults again
     assert last_faults("tuned") < 500  # kept in the heap and reused

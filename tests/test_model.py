@@ -131,10 +131,11 @@ def test_padded_routing_equals_a_per_token_reference(align, impl):
     assert all(c % align == 0 for c in counts) and counts[3] == counts[5] == 0
     assert sum(counts) == route.Mp < route.M + E * align
     xs = _Dispatch.apply(x.detach(), route)
-    real = route.pad is None or ~route.pad
-    assert torch.equal(xs[real], x.detach()[route.token_of_slot[real]])
+    real = torch.ones(route.Mp, dtype=torch.bool)
     if route.pad is not None:
-        assert route.pad.sum() == route.Mp - route.M and not xs[route.pad].any()
+        real[route.pad] = False
+        assert len(route.pad) == route.Mp - route.M and not xs[route.pad].any()
+    assert torch.equal(xs[real], x.detach()[route.token_of_slot[real]])
 
 
 def test_two_level_buckets_bound_the_padding():

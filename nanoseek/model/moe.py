@@ -236,14 +236,14 @@ class Routing:
         self.counts = padded  # rows per expert in the layout (what the expert GEMMs see)
         self.slot_of_copy = torch.empty_like(order).index_copy_(0, order, slot)  # [M]
         copy_of_slot = torch.full((self.Mp,), M, dtype=torch.long, device=dev).index_copy_(0, slot, order)
-        self.pad = (copy_of_slot == M) if self.Mp > M else None  # [Mp] padding slots
+        self.pad = (copy_of_slot == M).nonzero().squeeze(1) if self.Mp > M else None  # [Mp - M] padding slots
         self.copy_of_slot = copy_of_slot.clamp_(max=M - 1)  # [Mp] (padding slots point anywhere; zeroed)
         self.token_of_slot = self.copy_of_slot // K
 
 
 def _rows(src: torch.Tensor, index: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     out = src.index_select(0, index)
-    return out.masked_fill_(pad[:, None], 0) if pad is not None else out
+    return out.index_fill_(0, pad, 0) if pad is not None else out  # zero only the padding rows
 
 
 class _Dispatch(torch.autograd.Function):
