@@ -378,3 +378,26 @@ def test_compiled_training_matches_eager(tmp_path, corpus_dir):
     for a, b in zip(step_records(tmp_path / "e"), step_records(tmp_path / "c")):
         for k in ("loss", "mtp_loss", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a["step"])
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.999999, 1.0, 5.0, float("nan")])
+def test_clip_grad_norm_if_over_matches_torch_bit_for_bit(scale):
+    """The trainer's clip skips torch's multiply-by-1 pass, and otherwise is torch's clip exactly."""
+    from nanoseek.parallel.launch import clip_grad_norm_if_over
+
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    grads = [torch.randn_like(p) for p in mods[0].parameters()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    for m in mods:
+        for p, g in zip(m.parameters(), grads):
+            p.grad = g * (scale / total)
+    want = torch.nn.utils.clip_grad_norm_(mods[0].parameters(), 1.0)
+    got = clip_grad_norm_if_over(mods[1].parameters(), 1.0)
+    assert torch.equal(got, want) or (got.isnan() and want.isnan())
+    for a, b in zip(mods[1].parameters(), mods[0].parameters()):
+        if not math.isnan(scale):  # torch's clip turns every gradient NaN; ours leaves them (the step is skipped)
+            assert torch.equal(a.grad, b.grad)
+    if scale == 5.0:
+        assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in mods[1].parameters()])) < 1.0 + 1e-5

@@ -39,6 +39,19 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     return True
 
 
+def clip_grad_norm_if_over(params, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`, bit for bit, without its multiply when it would scale by exactly 1.
+
+    torch always multiplies every gradient by min(1, max_norm / (norm + 1e-6)), a full pass over the gradients
+    (20 ms per step at `small`, 1.5% of it) that changes nothing on the ~80% of steps whose norm is below
+    max_norm. Reading the norm costs a host sync, which the trainer pays anyway to log it."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if float(max_norm / (norm + 1e-6)) < 1.0:  # NaN/inf norms: no scaling; the trainer skips the step
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 class ParallelPlan:
     """Process groups for pipeline x data x expert parallelism and the calls a training loop needs.
 
@@ -196,7 +209,7 @@ class ParallelPlan:
     def clip_grad_norm_(self, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
         """Replaces torch.nn.utils.clip_grad_norm_: the norm of the global (all-rank) gradient."""
         if not self.distributed:
-            return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+            return clip_grad_norm_if_over(wrapped.parameters(), max_norm)
         if id(wrapped) in self._sharded:
             return dp_mod.clip_sharded_grad_norm_(wrapped, max_norm, self.data_group)
         exclude = wrapped.mirror_params() if isinstance(wrapped, Pipeline) else []
