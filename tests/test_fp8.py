@@ -615,3 +615,28 @@ def test_fp8_model_saves_at_least_30_percent_less_activation_memory():
             lm_losses(m, tok[:, :-1], tok[:, 1:], False)
         saved[arm] = s.bytes
     assert saved["fp8"] <= 0.70 * saved["bf16"], saved
+
+
+def test_fp8_experts_ignore_the_zero_rows_of_the_padded_layout():
+    """On CPU `Experts.forward` pads each expert's rows with zero rows to a multiple of ROW_ALIGN. The FP8 expert
+    path must give the real rows exactly what it gives them unpadded: activation tiles are per row, and the
+    Wgrad tiles run within each expert, where zero rows change no amax."""
+    torch.manual_seed(0)
+    E, d, I, align = 4, 256, 128, 32
+    counts = torch.tensor([100, 0, 200, 37])
+    padded = (counts + align - 1) // align * align
+    starts = padded.cumsum(0) - padded
+    slot = torch.cat([torch.arange(int(c)) + int(s) for c, s in zip(counts, starts)])
+    x = torch.randn(int(counts.sum()), d, dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    w13, w2 = torch.randn(E, d, 2 * I) * 0.05, torch.randn(E, I, d) * 0.05
+    xp = torch.zeros(int(padded.sum()), d, dtype=torch.bfloat16).index_copy_(0, slot, x)
+    gp = torch.zeros_like(xp).index_copy_(0, slot, g)
+    res = []
+    for xx, cc, gg in ((x, counts, g), (xp, padded, gp)):
+        xi, a, b = (t.clone().requires_grad_() for t in (xx, w13, w2))
+        fp8_expert_mlp(xi, a, b, cc).backward(gg)
+        res.append((fp8_expert_mlp(xi.detach(), a.detach(), b.detach(), cc), xi.grad, a.grad, b.grad))
+    (y0, dx0, dw13_0, dw2_0), (y1, dx1, dw13_1, dw2_1) = res
+    assert torch.equal(y0, y1[slot]) and torch.equal(dx0, dx1[slot])
+    assert torch.equal(dw13_0, dw13_1) and torch.equal(dw2_0, dw2_1)

@@ -14,6 +14,10 @@ after warm-up), and the speed-up is the ratio of the medians within the pair, so
 between pairs cancels. In the bf16 pass ours is paired with every variant, fp32 ones included, so "speed-up
 over transformers' best precision" is also a within-pair ratio. The bf16 GEMM peak is the median GFLOP/s of
 a 2048x2048x2048 bf16 matmul measured in the same run (the highest measurement is used).
+
+Both libraries run in this one process, so the malloc thresholds our Trainer sets on CPU (`cpu_malloc.py`) apply
+to transformers' steps as well: the ratios compare the libraries under the same allocator, not our allocator
+setting against glibc's defaults.
 """
 
 from __future__ import annotations
