@@ -215,6 +215,16 @@ row counts make nearly every GEMM a new shape (~0.2 ms to build, thrashing the c
 comes from a few dozen shapes. Costs at most ALIGN-1 zero rows per expert. Measured in BENCHMARKS.md (train)."""
 
 
+def padded_slots(expert: torch.Tensor, counts: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by expert (expert [M], counts [E]) -> (rows per expert rounded up to a multiple of `align`
+    [E], each row's position in that padded layout [M]): expert e's rows start where the padded rows of the
+    experts before it end."""
+    padded = (counts + align - 1) // align * align if align > 1 else counts
+    M = expert.numel()
+    pos = torch.arange(M, device=expert.device) - (counts.cumsum(0) - counts)[expert]  # rank within its expert
+    return padded, (padded.cumsum(0) - padded)[expert] + pos
+
+
 class Routing:
     """Where each of the N*K token copies goes in the expert-sorted, padded row layout (host-side sizes).
 
@@ -227,10 +237,8 @@ class Routing:
         flat = idx.reshape(-1)  # [M] expert of each copy
         M, dev = flat.numel(), flat.device
         counts = torch.bincount(flat, minlength=n_experts)  # [E]
-        padded = (counts + align - 1) // align * align if align > 1 else counts
         order = flat.argsort(stable=True)  # copies grouped by expert
-        expert = flat[order]
-        slot = (padded.cumsum(0) - padded)[expert] + torch.arange(M, device=dev) - (counts.cumsum(0) - counts)[expert]
+        padded, slot = padded_slots(flat[order], counts, align)
         self.N, self.K, self.M = N, K, M
         self.Mp = int(padded.sum()) if align > 1 else M
         self.counts = padded  # rows per expert in the layout (what the expert GEMMs see)

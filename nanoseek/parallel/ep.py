@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..errors import NanoseekError
-from ..model.moe import Experts, MoE
+from ..model.moe import Experts, MoE, padded_slots
 
 TILE = 128  # FP8 dispatch: one power-of-two scale per 1x128 tile
 
@@ -288,7 +288,13 @@ class ExpertParallel(Experts):
         order = e.argsort(stable=True)
         p, k, e = p[order], k[order], e[order]
         counts = torch.bincount(e, minlength=self.n_experts)
-        ys = self.mlp_sorted(xr.index_select(0, p), counts)
+        xs = xr.index_select(0, p)  # [M, d] sorted by local expert
+        if xr.device.type == "cpu" and self.row_align > 1:  # zero-row padding, as in Experts.forward (ROW_ALIGN)
+            padded, slot = padded_slots(e, counts, self.row_align)
+            xs = xs.new_zeros(int(padded.sum()), xs.shape[1]).index_copy(0, slot, xs)
+            ys = self.mlp_sorted(xs, padded).index_select(0, slot)
+        else:
+            ys = self.mlp_sorted(xs, counts)
         ys = ys * meta_r[p, k, None].to(ys.dtype)
         return torch.zeros(xr.shape[0], ys.shape[1], dtype=ys.dtype, device=ys.device).index_add_(0, p, ys)
 
