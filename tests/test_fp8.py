@@ -619,8 +619,10 @@ def test_fp8_model_saves_at_least_30_percent_less_activation_memory():
 
 def test_fp8_experts_ignore_the_zero_rows_of_the_padded_layout():
     """On CPU `Experts.forward` pads each expert's rows with zero rows to a multiple of ROW_ALIGN. The FP8 expert
-    path must give the real rows exactly what it gives them unpadded: activation tiles are per row, and the
-    Wgrad tiles run within each expert, where zero rows change no amax."""
+    path must give the real rows what it gives them unpadded: activation tiles are per row, and the Wgrad tiles
+    run within each expert, where zero rows change no amax. (Wgrad is compared to 1e-5 of its scale, not
+    bitwise: its fp32 GEMMs sum over 100 vs 128 rows, which the BLAS may block differently; a change of tiling
+    would move it by ~1e-2.)"""
     torch.manual_seed(0)
     E, d, I, align = 4, 256, 128, 32
     counts = torch.tensor([100, 0, 200, 37])
@@ -639,4 +641,5 @@ def test_fp8_experts_ignore_the_zero_rows_of_the_padded_layout():
         res.append((fp8_expert_mlp(xi.detach(), a.detach(), b.detach(), cc), xi.grad, a.grad, b.grad))
     (y0, dx0, dw13_0, dw2_0), (y1, dx1, dw13_1, dw2_1) = res
     assert torch.equal(y0, y1[slot]) and torch.equal(dx0, dx1[slot])
-    assert torch.equal(dw13_0, dw13_1) and torch.equal(dw2_0, dw2_1)
+    for got, want in ((dw13_1, dw13_0), (dw2_1, dw2_0)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
