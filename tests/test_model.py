@@ -105,15 +105,21 @@ def test_padded_routing_equals_a_per_token_reference(align, impl):
     from nanoseek.model.moe import Experts, Routing, _Dispatch
 
     torch.manual_seed(0)
-    E, d, I, N, K = 6, 16, 8, 40, 2
+    E, d, I, N, K = 6, 16, 8, 400, 2
     ex = Experts(E, d, I, impl=impl)
     torch.nn.init.normal_(ex.w13, 0, 0.3)
     torch.nn.init.normal_(ex.w2, 0, 0.3)
     ex.row_align = align
+    seen = []
+    inner = ex.mlp_sorted
+    ex.mlp_sorted = lambda xs, counts: seen.append(counts.tolist()) or inner(xs, counts)
     idx = torch.stack([torch.randint(0, 3, (N,)), torch.full((N,), 4)], 1)  # experts 3 and 5 get nothing
     x = torch.randn(N, d, requires_grad=True)
     w = torch.rand(N, K, requires_grad=True)
     y = ex(x, idx, w)
+    assert all(c % align == 0 for c in seen[0]) and sum(seen[0]) >= N * K  # the forward used the padded layout
+    assert ex.pad_rows_to(N * K, x.device) == align and ex.pad_rows_to(4 * E - 1, x.device) == 1
+    assert ex.pad_rows_to(4 * align * E - 1, x.device) == max(1, align // 2)  # fewer rows: a smaller alignment
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, w, ex.w13, ex.w2), gy)
 

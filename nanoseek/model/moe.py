@@ -212,7 +212,8 @@ ROW_ALIGN = 32
 """On CPU each expert's rows are padded (with zero rows) to a multiple of this. The CPU GEMM library (oneDNN)
 builds, and caches, a kernel per matrix shape: with the routed load changing every step, unpadded per-expert
 row counts make nearly every GEMM a new shape (~0.2 ms to build, thrashing the cache); padded, each expert GEMM
-comes from a few dozen shapes. Costs at most ALIGN-1 zero rows per expert. Measured in BENCHMARKS.md (train)."""
+comes from a few dozen shapes. Costs at most ALIGN-1 zero rows per expert; small batches use a smaller alignment
+(`Experts.pad_rows_to`). Measured in BENCHMARKS.md (train)."""
 
 
 def padded_slots(expert: torch.Tensor, counts: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,6 +294,18 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * inter))  # [E, d, 2I]
         self.w2 = nn.Parameter(torch.empty(n_experts, inter, dim))  # [E, I, d]
 
+    def pad_rows_to(self, rows: int, device: torch.device) -> int:
+        """Row alignment for `rows` routed copies on CPU: the largest power of two up to ROW_ALIGN that the
+        experts average at least 4x (padding then adds ~1/8 of the rows or less), down to 1 for decoding and
+        small batches, where padding would multiply the rows and the few small row counts do not churn the GEMM
+        library's kernel cache. 1 on GPU (real grouped GEMMs, no per-shape kernels)."""
+        if device.type != "cpu":
+            return 1
+        a = self.row_align
+        while a > 1 and rows < 4 * a * self.n_experts:
+            a //= 2
+        return a
+
     def mlp_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The expert GEMMs on rows already sorted by expert (swapped by the FP8 recipe and used by EP)."""
         return sorted_swiglu(xs, self.w13.to(xs.dtype), self.w2.to(xs.dtype), counts, self.impl)
@@ -304,7 +317,7 @@ class Experts(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if self.impl == "gather" or (self.impl == "auto" and self.n_experts >= N * K):  # decoding: few rows
             return self.gathered(x, idx, weights)
-        route = Routing(idx, self.n_experts, self.row_align if x.device.type == "cpu" else 1)
+        route = Routing(idx, self.n_experts, self.pad_rows_to(N * K, x.device))
         ys = self.mlp_sorted(_Dispatch.apply(x, route), route.counts)  # [Mp, d], slots in expert order
         yc = _Combine.apply(ys, route).view(N, K, -1)  # [N, K, d], each token's K expert outputs
         return (yc * weights[..., None].to(yc.dtype)).sum(dim=1)

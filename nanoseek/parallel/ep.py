@@ -289,8 +289,9 @@ class ExpertParallel(Experts):
         p, k, e = p[order], k[order], e[order]
         counts = torch.bincount(e, minlength=self.n_experts)
         xs = xr.index_select(0, p)  # [M, d] sorted by local expert
-        if xr.device.type == "cpu" and self.row_align > 1:  # zero-row padding, as in Experts.forward (ROW_ALIGN)
-            padded, slot = padded_slots(e, counts, self.row_align)
+        align = self.pad_rows_to(len(e), xr.device)
+        if align > 1:  # zero-row padding, as in Experts.forward (ROW_ALIGN)
+            padded, slot = padded_slots(e, counts, align)
             xs = xs.new_zeros(int(padded.sum()), xs.shape[1]).index_copy(0, slot, xs)
             ys = self.mlp_sorted(xs, padded).index_select(0, slot)
         else:
