@@ -164,6 +164,11 @@ def _padded_bmm(xs, rows, slots, n_buckets, cap, w13, w2, act) -> torch.Tensor:
     return torch.bmm(act(torch.bmm(buf, w13)), w2).view(n_buckets * cap, d)[slots]
 
 
+def rank_in_expert(expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert (expert [M], counts [E]) -> each row's position within its expert's rows [M]."""
+    return torch.arange(expert.numel(), device=expert.device) - (counts.cumsum(0) - counts)[expert]
+
+
 def sorted_swiglu(
     xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor, impl: str = "auto"
 ) -> torch.Tensor:
@@ -188,9 +193,8 @@ def sorted_swiglu(
         host = counts.tolist()
         c = two_level_cap(host)
         dev = xs.device
-        starts = counts.cumsum(0) - counts
         expert = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=M)
-        pos = torch.arange(M, device=dev) - starts[expert]  # position of each row within its expert
+        pos = rank_in_expert(expert, counts)
         if c == max(host):
             return _padded_bmm(xs, slice(None), expert * c + pos, E, c, w13, w2, act)
         first = pos < c
@@ -221,9 +225,7 @@ def padded_slots(expert: torch.Tensor, counts: torch.Tensor, align: int) -> tupl
     [E], each row's position in that padded layout [M]): expert e's rows start where the padded rows of the
     experts before it end."""
     padded = (counts + align - 1) // align * align if align > 1 else counts
-    M = expert.numel()
-    pos = torch.arange(M, device=expert.device) - (counts.cumsum(0) - counts)[expert]  # rank within its expert
-    return padded, (padded.cumsum(0) - padded)[expert] + pos
+    return padded, (padded.cumsum(0) - padded)[expert] + rank_in_expert(expert, counts)
 
 
 class Routing:
