@@ -118,7 +118,10 @@ class MLA(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
         if mask is not None:
             mask = mask.repeat_interleave(H, dim=2)  # [B|1, 1, T*H, S]
-        o_lat = _sdpa(q, kv[:, None], kv[:, None, :, :C], mask, False, self.scale).view(B, T, H, C)
+        # the value is the whole [c_KV | k_pe] row and only the first C output columns are kept: each output
+        # column is P @ that value column alone, so this equals attending over c_KV (bit for bit) without
+        # the copy that padding a C-wide value to the key's width would make of the whole cache every step
+        o_lat = _sdpa(q, kv[:, None], kv[:, None], mask, False, self.scale)[..., :C].reshape(B, T, H, C)
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope :])  # W_UV absorbed: [B, T, H, V]
 
 
