@@ -40,9 +40,24 @@ def test_cached_decode_equals_full_forward(attn):
     with torch.no_grad():
         full = m(x)
         caches = m.make_caches(batch=2, max_len=32)
-        out = [m(x[:, :10], caches=caches, start_pos=0)]  # prefill, then one token at a time
-        out += [m(x[:, t : t + 1], caches=caches, start_pos=t) for t in range(10, 24)]
+        # a prefill from slot 0 (plain causal), a chunk past slot 0 (masked), then one token at a time
+        out = [m(x[:, :10], caches=caches, start_pos=0), m(x[:, 10:15], caches=caches, start_pos=10)]
+        out += [m(x[:, t : t + 1], caches=caches, start_pos=t) for t in range(15, 24)]
     assert (torch.cat(out, 1) - full).abs().max() < 1e-5
+
+
+def test_expert_kernel_autotune_runs_under_inference_mode(monkeypatch):
+    # the one-off CPU timing runs a backward; the engine's first big MoE call (a long prefill) is in
+    # inference mode, where that used to raise "element 0 of tensors does not require grad"
+    import nanoseek.model.moe as moe
+
+    monkeypatch.setattr(moe, "_TUNED", {})
+    w13, w2 = torch.randn(4, 16, 32) * 0.1, torch.randn(4, 16, 16) * 0.1
+    xs, counts = torch.randn(2048, 16), torch.tensor([512, 512, 512, 512])
+    with torch.inference_mode():
+        y = sorted_swiglu(xs, w13, w2, counts, "auto")
+    assert list(moe._TUNED.values()) in (["bmm"], ["grouped_mm"])
+    assert (y - sorted_swiglu(xs, w13, w2, counts, "grouped_mm")).abs().max() < 1e-5
 
 
 def test_left_padded_batch_equals_each_row_alone():

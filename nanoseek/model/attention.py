@@ -9,11 +9,14 @@ Two mathematically identical paths, switchable at run time (`attn_impl`):
   Cheaper for training/prefill (scores in qk_head_dim = 192 at V3 size).
 - absorb: fold W_UK into the query (q_nope' = q_nope W_UK, per head, in latent space) and apply W_UV after
   attending over the latents. Keys/values are the latents themselves, so the cache holds only
-  kv_lora_rank + qk_rope_head_dim values per token, and all heads share one "key head" (MQA over latents):
-  we fold the heads into the query-length axis and run a single-head attention.
+  kv_lora_rank + qk_rope_head_dim values per token, and all heads share one "key head" (MQA over latents).
+  Decoding folds the heads into the query-length axis (one pass over the cache serves every head); a causal
+  prefill broadcasts the key head over the heads instead, so that the causal kernel skips the blocks above
+  the diagonal (2x faster at 2K tokens than the folded query with an explicit mask).
 
 Tensor legend: B batch, T new tokens, S keys (cached + new), H heads, C kv_lora_rank, R rope dim.
-Masks are bool [B|1, 1, T, S], True = may attend; None means plain causal (no cache) or attend-all (T == 1).
+Masks are bool [B|1, 1, T, S], True = may attend; None means plain causal (T > 1: no cache, or a cache written
+from slot 0) or attend-all (T == 1).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def _sdpa(q, k, v, mask, causal: bool, scale: float, gqa: bool = False) -> torch
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
     )
     return o[..., :dv]
+
+
+def _plain_causal(T: int, mask: torch.Tensor | None, cache: LayerCache | None, start_pos: int) -> bool:
+    """Whether T > 1 new tokens attend causally to exactly themselves: no mask, and no cache or a cache written
+    from slot 0 (then the keys are these T tokens). The causal kernel skips the blocks above the diagonal."""
+    return T > 1 and mask is None and (cache is None or start_pos == 0)
 
 
 class MLA(nn.Module):
@@ -84,7 +93,7 @@ class MLA(nn.Module):
         il = self.cfg.rope_interleave
         q_pe = apply_rope(q_pe, cos, sin, il)  # [B, T, H, R]
         k_pe = apply_rope(k_pe[:, :, None], cos, sin, il)  # [B, T, 1, R]: one key shared by all heads
-        causal = cache is None and T > 1
+        causal = _plain_causal(T, mask, cache, start_pos)
         if self.impl == "naive":
             o = self._naive(q_nope, q_pe, c, k_pe, mask, cache, start_pos, causal)
         else:
@@ -112,10 +121,13 @@ class MLA(nn.Module):
         if cache is not None:
             kv = cache.update(start_pos, kvpe=kv)["kvpe"]  # [B, S, C+R]
         S = kv.shape[1]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C+R]
+        if causal:  # the key head broadcast (stride 0) over the heads: the causal kernel, no mask
+            kv = kv[:, None].expand(B, H, S, C + self.rope_dim)
+            o = _sdpa(q.transpose(1, 2), kv, kv, None, True, self.scale)[..., :C]  # [B, H, T, C]
+            return torch.einsum("bhtc,hdc->bthd", o, w[:, self.nope :])  # W_UV absorbed: [B, T, H, V]
         # heads folded into the query axis (rows ordered t-major): one latent "key head" serves all heads
-        q = torch.cat([q_lat, q_pe], dim=-1).reshape(B, 1, T * H, C + self.rope_dim)
-        if mask is None and causal:
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        q = q.reshape(B, 1, T * H, C + self.rope_dim)
         if mask is not None:
             mask = mask.repeat_interleave(H, dim=2)  # [B|1, 1, T*H, S]
         # the value is the whole [c_KV | k_pe] row and only the first C output columns are kept: each output
@@ -152,7 +164,7 @@ class GQA(nn.Module):
         if cache is not None:
             kv = cache.update(start_pos, k=k, v=v)
             k, v = kv["k"], kv["v"]
-        causal = cache is None and T > 1
+        causal = _plain_causal(T, mask, cache, start_pos)
         gqa = self.n_kv != self.n_heads
         o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal, self.scale, gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

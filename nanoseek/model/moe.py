@@ -152,7 +152,9 @@ def choose_impl(impl: str, xs: torch.Tensor, w13: torch.Tensor) -> str:
     if xs.device.type != "cpu" or xs.shape[0] < 2048:  # small problems: not worth timing
         return "grouped_mm"
     E, d, I2 = w13.shape
-    with torch.enable_grad():
+    # the timing runs backward too: it needs autograd even when called from a no-grad or inference-mode
+    # forward (the engine's prefill of a long prompt is often the first large MoE call of a process)
+    with torch.inference_mode(False), torch.enable_grad():
         return _autotune_cpu(E, d, I2 // 2, xs.shape[0], xs.dtype)
 
 

@@ -157,7 +157,9 @@ class Transformer(nn.Module):
     def _context(self, T, start_pos, positions, key_valid, device, cached: bool):
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=device)
-        mask = attention_mask(T, start_pos, key_valid, device) if (cached and T > 1) or key_valid is not None else None
+        # a cached step needs a mask when it starts past slot 0 (earlier keys); from slot 0 it is plain causal
+        need = key_valid is not None or (cached and T > 1 and start_pos > 0)
+        mask = attention_mask(T, start_pos, key_valid, device) if need else None
         return self.rope(positions), mask
 
     def hidden(
