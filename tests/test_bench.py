@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from nanoseek import NanoseekError
 from nanoseek.bench import BENCHES, run
 from nanoseek.bench.common import BenchOptions
 
@@ -154,14 +155,20 @@ def test_delegated_benches(name, module, func, tmp_path, monkeypatch):
     mod = importlib.import_module(module)
     calls = []
 
-    def fake(quick, out_dir=None):
-        calls.append(quick)
+    def fake(quick, out_dir=None, model=None):
+        calls.append((quick, model))
         return {"speedup": 1.5, "rows": [{"a": 1, "b": 2.5}], "nested": {"x": 3}}
 
     monkeypatch.setattr(mod, func, fake, raising=False)
     r = run(name, BenchOptions(quick=True, out=tmp_path))
-    assert calls == [True] and r["speedup"] == 1.5 and r["bench"] == name
+    assert calls == [(True, None)] and r["speedup"] == 1.5 and r["bench"] == name
     assert "| a " in (tmp_path / f"{name}.md").read_text()
+    if name == "decode":  # `nanoseek bench decode --model DIR` measures that model
+        run(name, BenchOptions(quick=True, out=tmp_path, model="runs/some-model"))
+        assert calls[-1] == (True, "runs/some-model")
+    else:  # the other benches train their own arms: --model is a one-line error, not ignored
+        with pytest.raises(NanoseekError, match="--model applies to the decode bench"):
+            run(name, BenchOptions(quick=True, out=tmp_path, model="runs/some-model"))
 
 
 def test_report_collects_saved_results(suite, monkeypatch):

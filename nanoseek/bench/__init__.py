@@ -44,6 +44,9 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
+MODEL_BENCHES = ("decode",)  # the benches that take `--model DIR` (the others train their own arms)
+
+
 def bench_module(name: str):
     if name not in BENCHES:
         raise NanoseekError(f"unknown bench {name!r}; choose one of: {', '.join(BENCHES)}")
@@ -56,6 +59,8 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     opts = opts or BenchOptions(**kw)
     opts.name = name
     mod = bench_module(name)
+    if opts.model is not None and name not in MODEL_BENCHES:
+        raise NanoseekError(f"--model applies to the {', '.join(MODEL_BENCHES)} bench, not {name!r}")
     opts.out = Path(opts.out) if opts.out is not None else Path("runs/bench") / name
     opts.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -99,6 +104,7 @@ def _cli(args) -> None:
         data=args.data,
         threads=args.threads,
         reuse=args.reuse,
+        model=args.model,
         argv=sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "bench" else [args.name],
     )
     # with --json, everything but the final JSON line goes to stderr
@@ -127,5 +133,10 @@ def add_cli(sub) -> None:
         "--reuse",
         action="store_true",
         help="reuse arms already trained with identical settings under OUT/runs (re-render a report)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="decode: the model directory to measure (run, checkpoint or HF dir; default: train or reuse tiny)",
     )
     p.set_defaults(func=_cli)

@@ -54,6 +54,7 @@ class BenchOptions:
     data: str | None = None
     threads: int | None = None
     reuse: bool = False  # reuse arms already trained with identical settings in OUT/runs (re-render reports)
+    model: str | None = None  # a trained model directory, for the benches that measure one (MODEL_BENCHES)
     argv: list[str] = field(default_factory=list)  # the command line, for the report
 
     def n_seeds(self, full: int, quick: int = 1) -> int:

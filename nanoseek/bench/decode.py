@@ -1,4 +1,4 @@
-"""`nanoseek bench decode`: delegates to the decode engine's bench, `nanoseek.bench_decode.run(quick, out_dir)`
+"""`nanoseek bench decode`: delegates to the decode engine's bench, `nanoseek.bench_decode.run(quick, out_dir, model)`
 (ours vs transformers decode tokens/s, speculative decoding with the MTP head)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ TITLE = "Decoding: ours vs transformers, speculative decoding"
 def run(opts: BenchOptions, report: Report) -> dict:
     from .. import bench_decode as mod
 
-    result = dict(mod.run(quick=opts.quick, out_dir=opts.out))
+    kw = {"model": opts.model} if opts.model is not None else {}
+    result = dict(mod.run(quick=opts.quick, out_dir=opts.out, **kw))
     render(result, report, opts.out)
     return result
