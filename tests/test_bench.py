@@ -138,6 +138,10 @@ def test_fp8_quick(suite):
     # one signed error per seed; the headline error is |their mean|
     per = r["rel_loss_error_per_seed"]["fp8 block-wise"]
     assert len(per) == r["seeds"] and r["rel_loss_error_blockwise"] == pytest.approx(abs(sum(per) / len(per)))
+    # the verdict uses |mean| + 2 s.e. over seeds (one seed: no error bar, the point estimate)
+    sem = r["rel_loss_error_sem"]["fp8 block-wise"]
+    assert r["rel_loss_error_blockwise_bound"] == pytest.approx(r["rel_loss_error_blockwise"] + 2 * (sem or 0))
+    assert r["goals"][0]["met"] == (r["rel_loss_error_blockwise_bound"] < 0.0025)
     assert 0.3 < r["activation_memory_ratio"] < 1  # FP8-cached activations are smaller
     for k in ("tokens_per_s_bf16", "tokens_per_s_fp8_blockwise", "tokens_per_s_fp8_tensorwise", "tokens_per_s_fp32"):
         assert finite(r[k]) and r[k] > 0

@@ -183,13 +183,24 @@ def run(opts: BenchOptions, report: Report) -> dict:
         ],
         title="Paper figures",
     )
+    # with several seeds a verdict must hold beyond the seed-to-seed noise: |mean| + 2 s.e. below the limit, and
+    # per-tensor worse by more than 2 s.e. of the difference; one seed has no error bar (point estimates)
+    blk, ten = "fp8 block-wise", "fp8 tensor-wise"
+    two_se = {k: 2 * (v or 0.0) for k, v in sem.items()}
+    diff_two_se = 2 * ((sem[blk] or 0.0) ** 2 + (sem[ten] or 0.0) ** 2) ** 0.5
+    result["rel_loss_error_blockwise_bound"] = rel[blk] + two_se[blk]  # |mean| + 2 s.e.
     goals = [
-        goal("FP8 block-wise relative loss error", rel["fp8 block-wise"], "< 0.25%", rel["fp8 block-wise"] < 0.0025),
         goal(
-            "per-tensor error ≥ block-wise error",
-            rel["fp8 tensor-wise"],
-            "≥ block-wise",
-            rel["fp8 tensor-wise"] >= rel["fp8 block-wise"],
+            "FP8 block-wise relative loss error (|mean| + 2 s.e. over seeds)",
+            result["rel_loss_error_blockwise_bound"],
+            "< 0.25%",
+            result["rel_loss_error_blockwise_bound"] < 0.0025,
+        ),
+        goal(
+            "per-tensor error above block-wise by more than 2 s.e. (visibly worse)",
+            rel[ten] - rel[blk],
+            f"> {diff_two_se:.4%}",
+            rel[ten] - rel[blk] > diff_two_se,
         ),
         goal(
             "FP8 saved activations ≥ 30% below bf16 (fp8 / bf16 bytes)",
