@@ -11,9 +11,7 @@
   decoding compiles a chunk of GREEDY_CHUNK steps as one graph, so the per-call costs are paid per chunk,
   and greedy speculative decoding its one-call step). With few tokens per forward the MoE takes its gather
   path (each token's K experts' weights gathered and applied with one bmm: static shapes, no host sync),
-  which dynamo traces. On CPU the compiled graphs freeze the weights (inductor `freezing`): a compiled engine
-  keeps the weights it first ran with, so build a new Engine after changing the model. The eager path is the
-  reference.
+  which dynamo traces. The eager path is the reference.
 - Speculative decoding with the model's own MTP modules lives in `nanoseek.speculative`; sampling, stop
   strings and streaming text in `nanoseek.sampling`.
 
@@ -170,12 +168,8 @@ class Engine:
         if compile:
             # cpp_wrapper: inductor calls its kernels from generated C++ instead of Python, which removes most of
             # the per-call Python overhead of a decode step (batch 1, 2 threads, interleaved: 789 -> 872 decode
-            # tokens/s); the first compile takes longer (a C++ build). freezing: the weights are constants of
-            # the graph (an engine never changes them), so inductor folds them and pre-packs the GEMM weights
-            # for the CPU libraries and no longer passes ~100 parameters per call (`tiny`, fp32, batch 1:
-            # +18-27% tokens/s, identical tokens; the packed copies cost memory, measured in docs/inference.md)
-            cpu = next(model.parameters()).device.type == "cpu"
-            opts = {"cpp_wrapper": True, "freezing": True} if cpu else {}
+            # tokens/s); the first compile takes longer (a C++ build)
+            opts = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
             self._step, self.verify, self.draft, self.greedy_step, self.greedy_chunk = (
                 torch.compile(fn, dynamic=True, options=opts)
                 for fn in (self._step, self.verify, self.draft, self.greedy_step, self.greedy_chunk)
