@@ -12,7 +12,6 @@ TITLE = "Decoding: ours vs transformers, speculative decoding"
 def run(opts: BenchOptions, report: Report) -> dict:
     from .. import bench_decode as mod
 
-    kw = {"model": opts.model} if opts.model is not None else {}
-    result = dict(mod.run(quick=opts.quick, out_dir=opts.out, **kw))
+    result = dict(mod.run(quick=opts.quick, out_dir=opts.out, model=opts.model))
     render(result, report, opts.out)
     return result

@@ -186,9 +186,8 @@ def run(opts: BenchOptions, report: Report) -> dict:
     # with several seeds a verdict must hold beyond the seed-to-seed noise: |mean| + 2 s.e. below the limit, and
     # per-tensor worse by more than 2 s.e. of the difference; one seed has no error bar (point estimates)
     blk, ten = "fp8 block-wise", "fp8 tensor-wise"
-    two_se = {k: 2 * (v or 0.0) for k, v in sem.items()}
     diff_two_se = 2 * ((sem[blk] or 0.0) ** 2 + (sem[ten] or 0.0) ** 2) ** 0.5
-    result["rel_loss_error_blockwise_bound"] = rel[blk] + two_se[blk]  # |mean| + 2 s.e.
+    result["rel_loss_error_blockwise_bound"] = rel[blk] + 2 * (sem[blk] or 0.0)  # |mean| + 2 s.e.
     goals = [
         goal(
             "FP8 block-wise relative loss error (|mean| + 2 s.e. over seeds)",
