@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from .errors import NanoseekError
 
@@ -39,9 +40,11 @@ def _info(args) -> None:
     from .costs import cost_report
 
     if args.config:
-        with open(args.config) as f:
-            d = json.load(f)
-        if "model_type" in d or "architectures" in d:
+        try:
+            d = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as e:
+            raise NanoseekError(f"cannot read --config {args.config}: {e}") from None
+        if isinstance(d, dict) and ("model_type" in d or "architectures" in d):
             from .hf import config_from_hf
 
             cfg = config_from_hf(d, args.config)

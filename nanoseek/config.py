@@ -9,10 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import NanoseekError
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_type(name: str, value, typ: str):
+    """`value` checked against a dataclass field's declared type `typ` ("int", "float | None", "list[str]", ...):
+    float fields take ints too (returned as floats), `| None` fields take None, and bools are not numbers nor
+    numbers bools (JSON `true` would pass as 1). Raises NanoseekError "<name> must be an integer, got '10'"."""
+    base, _, optional = typ.partition(" | ")
+    if value is None and optional:
+        return None
+    if base == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # bool subclasses int: a bool passes only where a bool is meant
+        ok = isinstance(value, {"int": int, "float": float, "bool": bool, "str": str}[base])
+        ok = ok and isinstance(value, bool) == (base == "bool")
+    if ok:
+        return value
+    kind = _KINDS.get(base, "a list of strings") + (" or null" if optional else "")
+    raise NanoseekError(f"{name} must be {kind}, got {json.dumps(value, default=repr)}")
 
 
 @dataclass
@@ -95,18 +118,48 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise NanoseekError(f"invalid model config ({self.name}): {msg}")
 
+        fields = dataclasses.fields(self)
+        for f in fields:  # JSON files and --override reach here: types first, then ranges
+            try:
+                setattr(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
+            except NanoseekError as e:
+                bad(str(e))
+        for f in fields:
+            v = getattr(self, f.name)
+            if f.type == "int" and v < 0:
+                bad(f"{f.name} must be >= 0, got {v}")
+            if f.type == "float" and not (math.isfinite(v) and v >= 0):
+                bad(f"{f.name} must be finite and >= 0, got {v}")
+        # sizes a zero would break; zeros that mean "off" (q_lora_rank, n_routed_experts, n_shared_experts,
+        # first_k_dense_replace, num_nextn_predict_layers, qk_rope_head_dim, gqa's head_dim/kv heads) stay legal
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        positive += ["moe_layer_freq", "max_position_embeddings", "original_max_position_embeddings"]
+        positive += ["rms_norm_eps", "rope_factor", "beta_fast", "beta_slow", "routed_scaling_factor"]
+        if self.attn_type == "mla":
+            positive += ["kv_lora_rank", "qk_nope_head_dim", "v_head_dim"]
+        if self.n_routed_experts:
+            positive += ["num_experts_per_tok", "moe_intermediate_size"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.rope_theta <= 1:
+            bad(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.attn_type not in ("mla", "mha", "gqa"):
             bad(f"attn_type must be mla|mha|gqa, got {self.attn_type!r}")
         if self.attn_impl not in ("naive", "absorb"):
             bad(f"attn_impl must be naive|absorb, got {self.attn_impl!r}")
         if self.attn_type != "mla" and self.num_attention_heads % self.kv_heads:
             bad(f"num_attention_heads {self.num_attention_heads} not divisible by kv heads {self.kv_heads}")
+        if self.attn_type != "mla" and self.gqa_head_dim < 1:
+            bad(f"head_dim is 0 and hidden_size {self.hidden_size} < num_attention_heads {self.num_attention_heads}")
         if self.qk_rope_head_dim % 2 or (self.attn_type != "mla" and self.gqa_head_dim % 2):
             bad("rotary dims must be even")
         if self.rope_type not in ("default", "yarn"):
             bad(f"rope_type must be default|yarn, got {self.rope_type!r}")
         if self.scoring_func not in ("sigmoid", "softmax"):
             bad(f"scoring_func must be sigmoid|softmax, got {self.scoring_func!r}")
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            bad(f"topk_method must be noaux_tc|greedy|group_limited_greedy, got {self.topk_method!r}")
         if self.moe_impl not in ("auto", "grouped_mm", "bmm", "gather", "loop"):
             bad(f"moe_impl must be auto|grouped_mm|bmm|gather|loop, got {self.moe_impl!r}")
         if self.n_routed_experts:
@@ -117,8 +170,6 @@ class ModelConfig:
             per_group = self.n_routed_experts // max(self.n_group, 1)
             if self.num_experts_per_tok > self.topk_group * per_group:
                 bad(f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts in the kept groups")
-        if self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers must be >= 0")
 
     # io --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -126,11 +177,30 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
+        if not isinstance(d, dict):
+            raise NanoseekError(f"{source}: expected a JSON object of model config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise NanoseekError(f"{source}: unknown model config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except NanoseekError as e:  # name the file: a checkpoint's config.json, --model-config, `info --config`
+            raise NanoseekError(f"{source}: {e}") from None
+
+    @classmethod
+    def parse_override(cls, item: str) -> tuple[str, object]:
+        """`KEY=VALUE` (an `--override`) -> (field, value): VALUE is JSON of the field's type (a str field's
+        VALUE is taken as is), strictly: 2.9 is not an int, nor true a float."""
+        key, _, raw = item.partition("=")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        if key not in types:
+            raise NanoseekError(f"--override {item}: {key!r} is not a ModelConfig field")
+        try:
+            value = raw if types[key] == "str" else json.loads(raw)
+        except ValueError:
+            raise NanoseekError(f"--override {item}: cannot parse {raw!r} as {types[key]}") from None
+        return key, check_type(f"--override {key}", value, types[key])
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import check_type
 from .errors import NanoseekError
 
 SHUFFLE_TOKENS = 1 << 23  # default --shuffle-rows window, in tokens
@@ -144,11 +146,13 @@ def load_settings(path: str | Path) -> dict:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise NanoseekError(f"cannot read training config {path}: {e}") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - names)
+    if not isinstance(d, dict):
+        raise NanoseekError(f"{path}: expected a JSON object of training settings, got {type(d).__name__}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - set(types))
     if unknown:
         raise NanoseekError(f"{path}: unknown training setting(s): {', '.join(unknown)}")
-    return d
+    return {k: check_type(f"{path}: {k}", v, types[k]) for k, v in d.items()}
 
 
 def from_args(ns: argparse.Namespace) -> TrainConfig:
@@ -157,6 +161,7 @@ def from_args(ns: argparse.Namespace) -> TrainConfig:
     base: dict = {}
     if ns.config:
         base = load_settings(ns.config)
+        base.pop("resume", None)  # how that run was started, not a setting (files of older versions stored it)
     elif given.get("resume") is not None:
         run = run_dir_of(given["resume"], TrainConfig(**{k: given[k] for k in ("preset", "out") if k in given}))
         if (run / "train_config.json").exists():
@@ -179,21 +184,38 @@ def validate(tc: TrainConfig) -> None:
     def bad(msg: str) -> None:
         raise NanoseekError(msg)
 
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    # argparse types and `choices` cover the command line; this covers the API (and --config files) too
+    for f in dataclasses.fields(tc):
+        value, choices = check_type(flag(f.name), getattr(tc, f.name), f.type), f.metadata.get("choices")
+        if choices and value not in choices:
+            bad(f"{flag(f.name)} must be {'|'.join(choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f"{flag(f.name)} must be finite, got {value}")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep_last", "ep", "pp"):
         if getattr(tc, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(tc, name)}")
-    if tc.lr <= 0:
-        bad(f"--lr must be > 0, got {tc.lr}")
-    for f in dataclasses.fields(tc):  # argparse checks `choices` on the command line; this covers the API too
-        value, choices = getattr(tc, f.name), f.metadata.get("choices")
-        if choices and value not in choices:
-            bad(f"--{f.name.replace('_', '-')} must be {'|'.join(choices)}, got {value!r}")
-    if tc.shuffle_rows is not None and tc.shuffle_rows < 0:
-        bad(f"--shuffle-rows must be >= 0, got {tc.shuffle_rows}")
+            bad(f"{flag(name)} must be >= 1, got {getattr(tc, name)}")
+    # unset (None) means a default; 0 is not a way to ask for it
+    for name in ("threads", "pp_microbatches", "ranks_per_node", "max_nodes_per_token"):
+        if getattr(tc, name) is not None and getattr(tc, name) < 1:
+            bad(f"{flag(name)} must be >= 1, got {getattr(tc, name)}")
+    for name in ("lr", "grad_clip"):  # a zero clip zeroes every update, a negative one reverses it
+        if getattr(tc, name) <= 0:
+            bad(f"{flag(name)} must be > 0, got {getattr(tc, name)}")
+    if not 0 <= tc.min_lr_ratio <= 1:
+        bad(f"--min-lr-ratio must be in [0, 1], got {tc.min_lr_ratio}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(tc, name) < 1:
+            bad(f"{flag(name)} must be in [0, 1), got {getattr(tc, name)}")
+    # every other float setting is a rate, weight or alpha
+    floats = [f.name for f in dataclasses.fields(tc) if f.type.startswith("float")]
+    for name in (*floats, "mtp_depth", "shuffle_rows", "warmup_steps", "mtp_weight_drop_step"):
+        if getattr(tc, name) is not None and getattr(tc, name) < 0:
+            bad(f"{flag(name)} must be >= 0, got {getattr(tc, name)}")
     if tc.eval_tokens < tc.seq_len + 1:
         bad(f"--eval-tokens {tc.eval_tokens} must cover at least one sequence of --seq-len + 1 = {tc.seq_len + 1}")
-    if tc.mtp_weight < 0 or tc.mtp_weight_late < 0:
-        bad("--mtp-weight and --mtp-weight-late must be >= 0")
     for kv in tc.override:
         if "=" not in kv:
             bad(f"--override expects KEY=VALUE, got {kv!r}")

@@ -314,6 +314,23 @@ def test_info_cli_json():
     )
 
 
+def test_bad_config_files_and_thread_counts_are_one_line_errors(tmp_path):
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "bad.json").write_text("{bad")
+    cases = [
+        (["info", "--config", str(tmp_path / "list.json")], "expected a JSON object of model config fields"),
+        (["info", "--config", str(tmp_path / "bad.json")], "cannot read --config"),
+        (["info", "--config", str(tmp_path / "missing.json")], "cannot read --config"),
+        (["bench", "kv", "--threads", "0", "--out", str(tmp_path / "b")], "--threads must be >= 1, got 0"),
+    ]
+    for argv, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "nanoseek", *argv], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, (argv, r.stderr)
+    cmd = [sys.executable, "-m", "nanoseek.bench_decode", "--threads", "-1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --threads must be >= 1, got -1"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
     """RMSNorm's custom backward (recomputes the normalised input) and the chunked cross-entropy (keeps the

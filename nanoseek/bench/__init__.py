@@ -61,6 +61,8 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     mod = bench_module(name)
     if opts.model is not None and name not in MODEL_BENCHES:
         raise NanoseekError(f"--model applies to the {', '.join(MODEL_BENCHES)} bench, not {name!r}")
+    if opts.threads is not None and opts.threads < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {opts.threads}")
     opts.out = Path(opts.out) if opts.out is not None else Path("runs/bench") / name
     opts.out.mkdir(parents=True, exist_ok=True)
     import torch

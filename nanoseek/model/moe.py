@@ -11,8 +11,9 @@ The routed experts are computed without a Python loop over experts: token copies
 fed to a grouped GEMM (`torch._grouped_mm`), or to batched GEMMs over per-expert buckets padded to a common
 size, whichever a one-off measurement finds faster on this CPU (bmm is 3x faster in bf16 where AMX exists).
 Padding is cheap when loads are balanced — which is what loss-free balancing buys — and a second, smaller
-bucket level absorbs the overflow of hot experts when they are not (see `two_level_cap`). A per-expert loop
-is kept only as the test reference.
+bucket level absorbs the overflow of hot experts when they are not (see `two_level_cap`). `_grouped_mm` needs
+16-byte aligned rows (d and I multiples of 8 in bf16, of 4 in fp32); other sizes always take the batched GEMMs.
+A per-expert loop is kept only as the test reference.
 
 Legend: N tokens, K experts per token, E routed experts, d hidden, I expert width, M = N*K routed rows.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import NanoseekError
 from .layers import MLP
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -145,13 +147,22 @@ def _autotune_cpu(E: int, d: int, I: int, M: int, dtype: torch.dtype) -> str:
 def choose_impl(impl: str, xs: torch.Tensor, w13: torch.Tensor) -> str:
     if impl in ("auto", "grouped_mm") and torch.compiler.is_compiling() and xs.dtype != torch.bfloat16:
         return "bmm"  # torch 2.13's meta kernel of _grouped_mm (what compile traces) accepts only bf16
+    E, d, I2 = w13.shape
+    size = xs.dtype.itemsize
+    # _grouped_mm needs 16-byte aligned row strides: of xs [M, d], w13 [E, d, 2I], the SwiGLU [M, I], w2 [E, I, d]
+    if impl in ("auto", "grouped_mm") and HAS_GROUPED_MM and (d * size % 16 or I2 // 2 * size % 16):
+        if impl == "auto":
+            return "bmm"
+        raise NanoseekError(
+            f"moe_impl=grouped_mm needs hidden_size ({d}) and moe_intermediate_size ({I2 // 2}) to be multiples of "
+            f"{16 // size} in {str(xs.dtype).removeprefix('torch.')}; use moe_impl=auto (bmm for these sizes) or bmm"
+        )
     if impl != "auto":
         return impl if (impl != "grouped_mm" or HAS_GROUPED_MM) else "bmm"
     if not HAS_GROUPED_MM:
         return "bmm"
     if xs.device.type != "cpu" or xs.shape[0] < 2048:  # small problems: not worth timing
         return "grouped_mm"
-    E, d, I2 = w13.shape
     # the timing runs backward too: it needs autograd even when called from a no-grad or inference-mode
     # forward (the engine's prefill of a long prompt is often the first large MoE call of a process)
     with torch.inference_mode(False), torch.enable_grad():
