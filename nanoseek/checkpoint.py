@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -42,7 +43,7 @@ def read_config(directory: str | Path) -> ModelConfig:
         d = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise NanoseekError(f"cannot read {f}: {e}") from None
-    if d.pop("format", None) != FORMAT:
+    if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
         raise NanoseekError(f"{f} is not a nanoseek model config")
     return ModelConfig.from_dict(d, str(f))
 
@@ -52,8 +53,11 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     f = Path(directory) / "model.safetensors"
     if not f.exists():
         raise NanoseekError(f"{directory}: no model.safetensors")
-    with safe_open(f, "pt") as h:
-        return {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+    try:
+        with safe_open(f, "pt") as h:
+            return {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:  # truncated, empty or not a safetensors file
+        raise NanoseekError(f"cannot read {f}: {e}") from None
 
 
 def load_native(
@@ -105,6 +109,28 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckdir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found) if (p / "model.safetensors").exists()]
+
+
+def recover_interrupted_saves(run_dir: str | Path) -> list[str]:
+    """Clean up after a process killed while saving a checkpoint (see `atomic_dir`): a `.step_X.old-*` whose
+    `step_X` is missing is the previous version, caught between the two renames, and is put back; the
+    temporary `.step_X.tmp-*` / `.step_X.old-*` directories left behind are removed. Returns what was done."""
+    ckdir = Path(run_dir) / "checkpoints"
+    done: list[str] = []
+    if not ckdir.is_dir():
+        return done
+    for p in sorted(ckdir.iterdir()):
+        m = re.match(r"^\.(step_\d+)\.(tmp|old)-", p.name)
+        if not m or not p.is_dir():
+            continue
+        target = ckdir / m.group(1)
+        if m.group(2) == "old" and not target.exists():
+            p.rename(target)
+            done.append(f"restored {target.name} from an interrupted save")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted save)")
+    return done
 
 
 def resolve(path: str | Path) -> tuple[str, Path]:

@@ -45,5 +45,15 @@ class AdamWLowPrecisionStates(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's loader casts floating-point states to the parameter dtype (fp32): cast the moments back, or
+        # a resumed run would silently continue with fp32 moments (and an fp32-state checkpoint resumed with
+        # `--optim-states bf16` would stay fp32)
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].to(self.state_dtype)
+
     def state_bytes(self) -> int:
         return sum(s[k].numel() * s[k].element_size() for s in self.state.values() for k in ("exp_avg", "exp_avg_sq"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
 from .atomic import atomic_dir, atomic_write_text
@@ -48,18 +50,11 @@ def build_model_config(tc: TrainConfig) -> ModelConfig:
             extra = json.loads(Path(tc.model_config).read_text())
         except (OSError, ValueError) as e:
             raise NanoseekError(f"cannot read --model-config {tc.model_config}: {e}") from None
+        if not isinstance(extra, dict):
+            raise NanoseekError(f"--model-config {tc.model_config}: expected a JSON object of ModelConfig fields")
         extra.pop("format", None)
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **extra}, tc.model_config)
-    kw = {}
-    fields = cfg.to_dict()
-    for item in tc.override:
-        key, _, raw = item.partition("=")
-        if key not in fields:
-            raise NanoseekError(f"--override {item}: {key!r} is not a ModelConfig field")
-        try:
-            kw[key] = type(fields[key])(json.loads(raw)) if not isinstance(fields[key], str) else raw
-        except (ValueError, TypeError):
-            raise NanoseekError(f"--override {item}: cannot parse {raw!r} as {type(fields[key]).__name__}") from None
+    kw = dict(ModelConfig.parse_override(item) for item in tc.override)
     if tc.mtp_depth is not None:
         kw["num_nextn_predict_layers"] = tc.mtp_depth
     return cfg.replace(**kw) if kw else cfg
@@ -113,14 +108,24 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.out = tc.resolved_out()
         self.resume_from = None
+        self.newer_checkpoints: list[Path] = []  # a rewind's abandoned checkpoints, moved aside on resume
         if tc.resume is not None:
             self.out = run_dir_of(tc.resume, tc)
+            if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env
+                for line in ckpt.recover_interrupted_saves(self.out):
+                    print(f"{self.out}: {line}", file=sys.stderr)
             found = ckpt.list_checkpoints(self.out)
             if tc.resume != "latest" and Path(tc.resume).parent.name == "checkpoints":
+                self.newer_checkpoints = found[found.index(Path(tc.resume)) + 1 :] if Path(tc.resume) in found else []
                 found = [p for p in found if p == Path(tc.resume)]
             if not found:
                 raise NanoseekError(f"--resume: no checkpoint found in {self.out}")
             self.resume_from = found[-1]
+        elif ckpt.list_checkpoints(self.out):
+            # a fresh run here would mix its checkpoints with the old run's (the newest step wins when loading)
+            raise NanoseekError(
+                f"{self.out} already holds a run's checkpoints: continue it with --resume, or choose another --out"
+            )
 
         # data and tokenizer
         self.corpus = corpus_from_spec(tc.data) if tc.data else default_corpus()
@@ -189,11 +194,19 @@ class Trainer:
 
     # --- bookkeeping -----------------------------------------------------------------------------------------
     def _init_out_dir(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps({"format": ckpt.FORMAT, **self.cfg.to_dict()}, indent=2))
-        self.tok.save(self.out / "tokenizer.json")
-        atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
-        (self.out / "metrics.jsonl").write_text("")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps({"format": ckpt.FORMAT, **self.cfg.to_dict()}, indent=2))
+            self.tok.save(self.out / "tokenizer.json")
+            self._write_train_config()
+            (self.out / "metrics.jsonl").write_text("")
+        except OSError as e:
+            raise NanoseekError(f"cannot write the run directory --out {self.out}: {e.strerror or e}") from None
+
+    def _write_train_config(self) -> None:
+        # `resume` is how this process started, not a setting of the run: replaying the file must not resume
+        settings = dict(self.tc.to_dict(), resume=None)
+        atomic_write_text(self.out / "train_config.json", json.dumps(settings, indent=2) + "\n")
 
     def _log(self, record: dict) -> None:
         if self.is_main:
@@ -285,6 +298,7 @@ class Trainer:
         rec = {
             "step": self.step,
             **{k: (v if finite else None) for k, v in sums.items()},
+            **({} if self.use_mtp else {"mtp_loss": None}),
             "mtp_weight": lam if self.use_mtp else 0.0,
             "lr": lr,
             "grad_norm": grad_norm if finite else None,
@@ -361,10 +375,15 @@ class Trainer:
             "consecutive_nan": self.consecutive_nan,
             "elapsed": self.elapsed,
         }
-        with atomic_dir(target) as tmp:
-            ckpt.save_model(self.core, tmp, state_dict=weights)
-            self.tok.save(tmp / "tokenizer.json")
-            torch.save(state, tmp / "trainer_state.pt")
+        try:
+            with atomic_dir(target) as tmp:
+                ckpt.save_model(self.core, tmp, state_dict=weights)
+                self.tok.save(tmp / "tokenizer.json")
+                torch.save(state, tmp / "trainer_state.pt")
+        except (OSError, RuntimeError, SafetensorError) as e:  # disk full, read-only, removed directory
+            last = ckpt.list_checkpoints(self.out)
+            intact = f"; the last complete checkpoint is {last[-1]}" if last else ""
+            raise NanoseekError(f"cannot write the checkpoint {target}: {e}{intact}") from None
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return target
@@ -386,8 +405,12 @@ class Trainer:
     def _load_state(self, directory: Path) -> None:
         try:
             state = torch.load(directory / "trainer_state.pt", weights_only=False)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # missing, empty, truncated or not a torch file: whatever torch.load raises
             raise NanoseekError(f"--resume: cannot read {directory / 'trainer_state.pt'}: {e}") from None
+        if state["step"] > self.tc.steps:
+            raise NanoseekError(
+                f"--resume: {directory} is at step {state['step']}, past --steps {self.tc.steps}; give a larger --steps"
+            )
         if state["world"] != self.plan.world:
             raise NanoseekError(
                 f"--resume: {directory} was written by {state['world']} ranks, this run has {self.plan.world}"
@@ -401,13 +424,34 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen, self.nan_skips = state["tokens_seen"], state["nan_skips"]
         self.consecutive_nan, self.elapsed = state["consecutive_nan"], state["elapsed"]
+        # drop metrics logged after this checkpoint (by a run that died before its next save, or by the run a
+        # rewind abandons) and a line cut short by a crash; the last evaluation is this run's again
+        mfile = self.out / "metrics.jsonl"
+        keep, dropped = [], []
+        for ln in mfile.read_text().splitlines() if mfile.exists() else []:
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                continue  # a partial line from a process killed mid-write
+            (keep if rec["step"] <= self.step else dropped).append(ln)
+            if "val_loss" in rec and rec["step"] <= self.step:
+                self.last_eval = rec
         if self.is_main:
-            # drop metrics logged after this checkpoint (by a run that died before its next save)
-            mfile = self.out / "metrics.jsonl"
-            lines = mfile.read_text().splitlines() if mfile.exists() else []
-            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= self.step]
+            if self.newer_checkpoints:
+                self._set_aside(dropped)
             atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
-            atomic_write_text(self.out / "train_config.json", json.dumps(self.tc.to_dict(), indent=2) + "\n")
+            self._write_train_config()
+
+    def _set_aside(self, metrics: list[str]) -> None:
+        """Resuming from an earlier checkpoint (a rewind) abandons the newer ones: move them and their metrics
+        to DIR/abandoned/ (not deleted; no longer picked by `--resume` or `nanoseek generate`)."""
+        dest = self.out / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in self.newer_checkpoints:
+            os.replace(p, dest / p.name)
+        (dest / "metrics.jsonl").write_text("".join(ln + "\n" for ln in metrics))
+        names = ", ".join(p.name for p in self.newer_checkpoints)
+        print(f"rewinding to {self.resume_from.name}: moved the newer {names} to {dest}", file=sys.stderr)
 
     # --- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -426,24 +470,34 @@ class Trainer:
                 file=sys.stderr,
             )
         last_saved = self.step if self.resume_from is not None else -1
-        while self.step < tc.steps:
-            rec = self.train_step()
+        self.last_checkpoint = self.resume_from
+        try:
+            while self.step < tc.steps:
+                rec = self.train_step()
+                if bar is not None:
+                    post = {
+                        "loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
+                        "tok/s": f"{rec['tokens_per_s']:.0f}",
+                    }
+                    if rec["maxvio_batch"] is not None:
+                        post["maxvio"] = f"{rec['maxvio_batch']:.2f}"
+                    if self.last_eval:
+                        post["val"] = f"{self.last_eval['val_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    self.evaluate()
+                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                    self.last_checkpoint = self.save()
+                    last_saved = self.step
+        except KeyboardInterrupt:
             if bar is not None:
-                post = {
-                    "loss": f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
-                    "tok/s": f"{rec['tokens_per_s']:.0f}",
-                }
-                if rec["maxvio_batch"] is not None:
-                    post["maxvio"] = f"{rec['maxvio_batch']:.2f}"
-                if self.last_eval:
-                    post["val"] = f"{self.last_eval['val_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                self.evaluate()
-            if self.step % tc.save_every == 0 or self.step == tc.steps:
-                self.last_checkpoint = self.save()
-                last_saved = self.step
+                bar.close()  # so that the message starts on its own line
+            if self.is_main:
+                last, resume = self.last_checkpoint, f"nanoseek train --resume --out {self.out}"
+                where = f"the last checkpoint is {last}: continue with `{resume}`" if last else "no checkpoint yet"
+                print(f"stopped at step {self.step}; {where}", file=sys.stderr)
+            raise
         if bar is not None:
             bar.close()
         if last_saved != self.step:

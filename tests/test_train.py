@@ -71,9 +71,9 @@ def test_golden_losses_of_tiny(tmp_path, corpus_dir):
     assert losses[-1] < losses[0] - 0.5  # and it learns
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_is_bit_identical(tmp_path, corpus_dir, monkeypatch, precision):
-    full = tc(tmp_path / "a", corpus_dir, precision=precision, grad_accum=2)
+@pytest.mark.parametrize("precision,states", [("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")])
+def test_resume_is_bit_identical(tmp_path, corpus_dir, monkeypatch, precision, states):
+    full = tc(tmp_path / "a", corpus_dir, precision=precision, grad_accum=2, optim_states=states)
     train(full)
     ref = step_records(tmp_path / "a" / "run")
     assert len(ref) == 6
@@ -88,14 +88,18 @@ def test_resume_is_bit_identical(tmp_path, corpus_dir, monkeypatch, precision):
 
     monkeypatch.setattr(Trainer, "train_step", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2))
+        train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2, optim_states=states))
     monkeypatch.setattr(Trainer, "train_step", real)
     assert [r["step"] for r in step_records(tmp_path / "b" / "run")] == [1, 2, 3, 4]
-    train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2, resume="latest"))
+    train(tc(tmp_path / "b", corpus_dir, precision=precision, grad_accum=2, optim_states=states, resume="latest"))
     got = step_records(tmp_path / "b" / "run")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(ref, got):
         assert {k: a[k] for k in STABLE} == {k: b[k] for k in STABLE}
+    # the moments kept their dtype through the resume (torch's loader would cast them to the params' fp32)
+    state = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step_0000006" / "trainer_state.pt", weights_only=False)
+    moments = [v for st in state["optimizer"][0]["state"].values() for k, v in st.items() if k.startswith("exp_avg")]
+    assert {m.dtype for m in moments} == {torch.bfloat16 if states == "bf16" else torch.float32}
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus_dir, monkeypatch):
@@ -109,13 +113,71 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus_dir, monkey
         raise RuntimeError("killed mid-save")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NanoseekError, match=f"killed mid-save; the last complete checkpoint is {first}"):
         t.save()
     from nanoseek.checkpoint import list_checkpoints, load_model
 
     assert list_checkpoints(t.out) == [first]
     assert not [p for p in (t.out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp leftovers
     load_model(first)
+
+
+def test_resume_edge_cases(tmp_path, corpus_dir):
+    """Resuming a finished run does nothing (no re-evaluation logged) and stops below --steps with an error; the
+    saved settings never say `resume` (replaying them starts a fresh run); a fresh run refuses a directory
+    that holds another run's checkpoints; what a kill left behind (a partial metrics line, save temp dirs, a
+    checkpoint caught between the two renames) is repaired."""
+    run = tmp_path / "run"
+    train(tc(tmp_path, corpus_dir, steps=3))
+    lines = (run / "metrics.jsonl").read_text()
+    s = train(tc(tmp_path, corpus_dir, steps=3, resume="latest"))
+    assert s["steps"] == 3 and s["checkpoint"].endswith("step_0000003") and s["val_loss"] is not None
+    assert (run / "metrics.jsonl").read_text() == lines
+    assert json.loads((run / "train_config.json").read_text())["resume"] is None
+    with pytest.raises(NanoseekError, match="at step 3, past --steps 2"):
+        train(tc(tmp_path, corpus_dir, steps=2, resume="latest"))
+    with pytest.raises(NanoseekError, match="already holds a run's checkpoints: continue it with --resume"):
+        train(tc(tmp_path, corpus_dir, steps=3, seed=1))
+
+    ck = run / "checkpoints"
+    (run / "metrics.jsonl").write_text(lines + '{"step": 4, "loss": 4.9')  # cut short by a crash
+    (ck / ".step_0000004.tmp-x1").mkdir()  # a save killed while writing
+    (ck / "step_0000003").rename(ck / ".step_0000003.old-77")  # killed between atomic_dir's two renames
+    s = train(tc(tmp_path, corpus_dir, steps=4, resume="latest"))
+    assert s["steps"] == 4 and sorted(p.name for p in ck.iterdir()) == ["step_0000003", "step_0000004"]
+    assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4]
+
+
+def test_rewind_sets_newer_checkpoints_aside(tmp_path, corpus_dir):
+    """Resuming from an earlier checkpoint (to retry from there with other settings) moves the newer ones and
+    their metrics to DIR/abandoned/, so that neither `--resume` nor `nanoseek generate` picks them up."""
+    from nanoseek.checkpoint import list_checkpoints, resolve
+
+    run = tmp_path / "run"
+    train(tc(tmp_path, corpus_dir, steps=6, save_every=2, eval_every=2))
+    ck = run / "checkpoints"
+    train(tc(tmp_path, corpus_dir, steps=5, save_every=5, eval_every=5, lr=1e-3, resume=str(ck / "step_0000002")))
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000005"]
+    assert resolve(run)[1] == ck / "step_0000005"
+    (aside,) = (run / "abandoned").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_0000004", "step_0000006"]
+    assert {json.loads(ln)["step"] for ln in (aside / "metrics.jsonl").read_text().splitlines()} == {3, 4, 5, 6}
+    assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4, 5]
+
+
+def test_corrupt_checkpoint_files_are_one_line_errors(tmp_path, corpus_dir):
+    run = tmp_path / "run"
+    train(tc(tmp_path, corpus_dir, steps=3))
+    last = run / "checkpoints" / "step_0000003"
+    state = last / "trainer_state.pt"
+    for content in (b"", b"hello"):  # empty; not a torch file
+        state.write_bytes(content)
+        with pytest.raises(NanoseekError, match=f"cannot read {state}"):
+            train(tc(tmp_path, corpus_dir, steps=4, resume="latest"))
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(NanoseekError, match=f"cannot read {weights}"):
+        train(tc(tmp_path, corpus_dir, steps=4, resume="latest"))
 
 
 def test_nan_steps_are_skipped_then_stop(tmp_path, corpus_dir, monkeypatch):
@@ -308,6 +370,9 @@ def test_config_replay_and_explicit_flags_win(tmp_path, corpus_dir):
     args = build_parser().parse_args(["train", "--config", str(saved), "--lr", "0.01"])
     replay = from_args(args)
     assert replay.lr == 0.01 and replay.steps == 2 and replay.override == SMALL and replay.data == str(corpus_dir)
+    # a file that says how its run was started (older versions wrote "resume" after a resume) replays fresh
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "resume": "latest"}))
+    assert from_args(build_parser().parse_args(["train", "--config", str(saved)])).resume is None
 
 
 def run_cli(*args, cwd=None):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def train_arm(
         trainer = Trainer(dataclasses.replace(tc, resume="latest")) if keep else None
     else:
         (run / ARM_FILE).unlink(missing_ok=True)  # a stale record must not vouch for the run that replaces it
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the trainer refuses to mix runs in one directory
         trainer = Trainer(tc)
         t0 = time.perf_counter()
         summary = trainer.fit()
