@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,9 +23,14 @@ def atomic_dir(target: str | Path, carry_over: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _mkdir_unique(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
+        # safetensors writes its files 0600: give them the mode a plain new file gets (0666 & ~umask)
+        file_mode = tmp.stat().st_mode & 0o666
+        for f in tmp.iterdir():
+            if f.is_file() and not f.is_symlink():
+                f.chmod(f.stat().st_mode | file_mode)
         if target.exists():
             if carry_over:
                 for f in target.iterdir():
@@ -41,6 +46,18 @@ def atomic_dir(target: str | Path, carry_over: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new directory with the normal mode (0777 & ~umask, applied by mkdir), not mkdtemp's 0700: it is
+    renamed into place as the user's output directory."""
+    while True:
+        d = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

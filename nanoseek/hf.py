@@ -61,6 +61,7 @@ _HF_DEFAULTS = dict(
     tie_word_embeddings=False,
     moe_layer_freq=1,
 )
+NANOSEEK_KEY = "nanoseek"  # config.json key holding the ModelConfig fields that HF keys do not express
 _COPIED = [k for k in _HF_DEFAULTS if k not in ("q_lora_rank", "n_group", "topk_group", "n_shared_experts")]
 # weights the V3 release stores in FP8 (everything else — embedding, head, norms, gate, eh_proj — is bf16/fp32)
 _FP8_SUFFIXES = (
@@ -95,6 +96,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     kw["topk_method"] = d.get("topk_method", "greedy" if v2 else "noaux_tc")
     kw["num_nextn_predict_layers"] = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
     kw["rope_interleave"] = bool(d.get("rope_interleave", True))
+    if d.get("initializer_range") is not None:
+        kw["init_std"] = d["initializer_range"]  # (validated by ModelConfig)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if "rope_theta" in rope:
@@ -114,11 +117,19 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     elif rtype != "default":
         raise NanoseekError(f"{source}: rope type {rtype!r} is not supported (default or yarn)")
     kw["name"] = d.get("_name_or_path") or "hf"
-    return ModelConfig(**kw)
+    kw["attn_impl"] = "absorb"  # the latent cache: what large checkpoints need (a runtime switch anyway)
+    # nanoseek's own fields that no HF key carries (written by `config_to_hf`; transformers ignores the key)
+    cfg, extra = ModelConfig(**kw), d.get(NANOSEEK_KEY) or {}
+    if not isinstance(extra, dict):
+        raise NanoseekError(f"{source}: {NANOSEEK_KEY!r} must be a JSON object, got {type(extra).__name__}")
+    return ModelConfig.from_dict({**cfg.to_dict(), **extra}, f"{source} key {NANOSEEK_KEY!r}") if extra else cfg
 
 
-def config_to_hf(cfg: ModelConfig, fp8: bool = False) -> dict:
-    """A config.json that transformers' DeepseekV3Config reads (and that keeps DeepSeek's own fields)."""
+def config_to_hf(cfg: ModelConfig, fp8: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A config.json that transformers' DeepseekV3Config reads (and that keeps DeepSeek's own fields).
+
+    `dtype` is the dtype transformers should compute in: the stored one, bf16 for FP8 weights (as the V3
+    release says); nanoseek fields without an HF key go under "nanoseek", so a round trip keeps them."""
     if cfg.attn_type != "mla":
         raise NanoseekError("HF export supports MLA models only (attn_type = mla)")
     d = {
@@ -137,8 +148,9 @@ def config_to_hf(cfg: ModelConfig, fp8: bool = False) -> dict:
         "hidden_act": "silu",
         "initializer_range": cfg.init_std,
         "rope_interleave": cfg.rope_interleave,
-        "torch_dtype": "bfloat16",
     }
+    # transformers 5 reads "dtype", older versions "torch_dtype"; from_pretrained() loads in it by default
+    d["dtype"] = d["torch_dtype"] = str(torch.bfloat16 if fp8 else dtype).removeprefix("torch.")
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_type == "yarn":
         rope.update(
@@ -157,7 +169,9 @@ def config_to_hf(cfg: ModelConfig, fp8: bool = False) -> dict:
             "quant_method": "fp8",
             "weight_block_size": [128, 128],
         }
-    return d
+    back = config_from_hf(d).to_dict()
+    extra = {k: v for k, v in cfg.to_dict().items() if back[k] != v}
+    return {**d, NANOSEEK_KEY: extra} if extra else d
 
 
 # --- key mapping ---------------------------------------------------------------------------------------------
@@ -253,9 +267,10 @@ def _listing(title: str, items: list[str], limit: int = 12) -> str:
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, attn_impl: str = "absorb", device: str = "cpu"
+    path: str | Path, dtype: torch.dtype = torch.float32, attn_impl: str | None = "absorb", device: str = "cpu"
 ) -> Transformer:
-    """Load an HF-format DeepSeek-V2/V3 directory into a nanoseek `Transformer`."""
+    """Load an HF-format DeepSeek-V2/V3 directory into a nanoseek `Transformer` (`attn_impl=None`: the
+    config's, i.e. the one it was exported with, else absorb)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -264,7 +279,8 @@ def load_pretrained(
         raw_cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise NanoseekError(f"{cfg_file}: unreadable ({e})") from None
-    cfg = config_from_hf(raw_cfg, str(cfg_file)).replace(attn_impl=attn_impl)
+    cfg = config_from_hf(raw_cfg, str(cfg_file))
+    cfg = cfg.replace(attn_impl=attn_impl) if attn_impl else cfg
     ckpt = _Checkpoint(path)
     L = cfg.num_hidden_layers
 
@@ -395,8 +411,8 @@ def save_pretrained(
         if hk.endswith("e_score_correction_bias"):
             tensors.append((hk, t.float().contiguous()))
         elif fp8 and hk.endswith(_FP8_SUFFIXES) and t.dim() == 2:
-            q, s = block_quant(t.float())
-            tensors += [(hk, q), (hk + "_scale_inv", s.contiguous())]
+            q, s = block_quant(t.float())  # t may be a transposed view (experts): safetensors wants contiguous
+            tensors += [(hk, q.contiguous()), (hk + "_scale_inv", s.contiguous())]
         else:
             tensors.append((hk, (t.to(dtype) if dtype is not None else t).contiguous().clone()))
 
@@ -421,4 +437,5 @@ def save_pretrained(
             total = sum(t.numel() * t.element_size() for _, t in tensors)
             index = {"metadata": {"total_size": total}, "weight_map": wmap}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, fp8=fp8), indent=2))
+        stored = dtype or model.embed_tokens.weight.dtype
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model.cfg, fp8=fp8, dtype=stored), indent=2))

@@ -41,6 +41,8 @@ EOS_CANDIDATES = (
     "<eos>",  # Gemma
     "<|eos|>",
 )
+# Beginning-of-sequence tokens named in an exported tokenizer_config.json when the vocabulary has one.
+BOS_CANDIDATES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
 # Tokenizer training reads at most this many bytes of the training split (a deterministic, spread-out subset,
 # see `Corpus.sample_texts`). BPE statistics saturate long before this; it keeps training at a few seconds
 # on 2 cores (the whole ~30 MB Python stdlib fits) and bounded on multi-GB corpora.
@@ -95,6 +97,18 @@ class Tokenizer:
         if hasattr(ids, "tolist"):  # torch / numpy
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def hf_config(self, model_max_length: int) -> dict:
+        """A minimal tokenizer_config.json, so that transformers' AutoTokenizer knows the EOS (and BOS, when
+        the vocabulary has one; ours has none) and decodes text unchanged."""
+        bos = next((c for c in BOS_CANDIDATES if self._tok.token_to_id(c) is not None), None)
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.eos_token,
+            "bos_token": bos,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a standard tokenizer.json (loadable by HF `tokenizers`/`transformers` and `from_file`)."""

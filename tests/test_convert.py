@@ -4,6 +4,8 @@ Run: python -m pytest -q tests/test_convert.py
 """
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -18,8 +20,10 @@ from nanoseek.model import Transformer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def micro():
-    return micro_config(num_nextn_predict_layers=2, max_position_embeddings=256, attn_impl="absorb", init_std=0.006)
+def micro(**kw):
+    # attn_impl naive and moe_impl loop: fields with no HF key, which a round trip must keep all the same
+    base = dict(num_nextn_predict_layers=2, max_position_embeddings=256, attn_impl="naive", moe_impl="loop")
+    return micro_config(init_std=0.006, **{**base, **kw})
 
 
 @pytest.fixture
@@ -48,6 +52,11 @@ def test_native_hf_native_round_trip_is_exact(run_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # MTP layers and routing bias too
     assert len(m2.mtp) == 2 and tok is not None and tok.vocab_size == 270
     assert {p.name for p in tmp_path.iterdir()} == {"run", "hf", "back"}  # no temporary directories left
+    # the config too: name, attn_impl and moe_impl have no HF key and travel under "nanoseek"
+    original = (run / "checkpoints" / "step_0000010" / "config.json").read_text()
+    assert (back / "config.json").read_text() == original and json.loads(original)["name"] == "tiny"
+    assert cfg["nanoseek"] == {"attn_impl": "naive", "moe_impl": "loop", "name": "tiny"}
+    assert cfg["dtype"] == cfg["torch_dtype"] == "float32"  # what is stored (transformers loads in it)
 
 
 def test_bf16_and_fp8_exports_load_close_to_the_original(run_dir, tmp_path):
@@ -64,13 +73,86 @@ def test_bf16_and_fp8_exports_load_close_to_the_original(run_dir, tmp_path):
             assert bias.dtype == torch.float32 and torch.equal(bias, m.layers["1"].mlp.gate.e_score_correction_bias)
 
 
+def test_fp8_export_of_block_aligned_experts_reloads_and_converts_back(tmp_path):
+    """Expert weights whose dims are whole 128x128 blocks are quantised from transposed views without padding:
+    the export must still save (contiguous tensors), reload close to the original and convert back."""
+    torch.manual_seed(0)
+    m = Transformer(micro(hidden_size=128, moe_intermediate_size=128, num_nextn_predict_layers=1)).eval()
+    randomize_bias(m, 0.01)
+    src = tmp_path / "native"
+    save_model(m, src)
+    assert main(["convert", str(src), str(tmp_path / "hf8"), "--to", "hf", "--fp8", "--dtype", "bf16"]) == 0
+    cfg = json.loads((tmp_path / "hf8" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "fp8" and cfg["dtype"] == "bfloat16"  # as V3's release
+    m8, _ = load_model(tmp_path / "hf8", dtype=torch.float32, attn_impl="naive")
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        ref, got = m(x), m8(x)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    assert torch.equal(got[0, -8:].argmax(-1), ref[0, -8:].argmax(-1))  # greedy tokens unchanged
+    convert(tmp_path / "hf8", tmp_path / "back", to="native")
+    back, _ = load_model(tmp_path / "back", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m8.state_dict().values(), strict=True))
+
+
+def test_convert_writes_a_tokenizer_config_that_transformers_reads(run_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run, _ = run_dir
+    convert(run, tmp_path / "hf", to="hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 0
+    text = "def f(x):\n    return x + 1\n"
+    assert tok(text)["input_ids"] == load_model(run)[1].encode(text) and tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_output_directories_get_the_umask_mode(run_dir, tmp_path):
+    run, _ = run_dir
+    old = os.umask(0o027)
+    try:
+        convert(run, tmp_path / "hf", to="hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert stat.S_IMODE((tmp_path / "hf" / "model.safetensors").stat().st_mode) == 0o640  # not safetensors' 0600
+
+
+def test_convert_never_deletes_what_is_not_a_model(run_dir, tmp_path, monkeypatch):
+    run, _ = run_dir
+    ckpt = run / "checkpoints" / "step_0000010"
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for dst in (run, run / "checkpoints", ckpt, tmp_path):  # the source, the checkpoint, or above them
+        with pytest.raises(NanoseekError, match=r"is the source( checkpoint)? or a directory above it"):
+            convert(ckpt, dst, to="native")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("notes")
+    with pytest.raises(NanoseekError, match=r"not a model directory: replacing it would delete notes\.txt"):
+        convert(run, precious, to="hf")
+    (tmp_path / "a_file").write_text("data")
+    with pytest.raises(NanoseekError, match="exists and is not a directory"):
+        convert(run, tmp_path / "a_file", to="hf")
+    with pytest.raises(NanoseekError, match=r"cannot write .*a_file/sub"):
+        convert(run, tmp_path / "a_file" / "sub", to="hf")
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for dst in (".", ".."):
+        assert main(["convert", str(run), dst, "--to", "hf"]) == 2
+        with pytest.raises(NanoseekError, match="is the current directory or a directory above it"):
+            convert(run, dst, to="hf")
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert after == sorted([*before, "precious", "precious/notes.txt", "a_file", "work", "work/deep"])
+    assert (precious / "notes.txt").read_text() == "notes" and (tmp_path / "a_file").read_text() == "data"
+
+
 def test_convert_replaces_the_destination_atomically_and_reports_errors(run_dir, tmp_path, capsys):
     run, _ = run_dir
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "stale.txt").write_text("old")
+    convert(run, dst, to="hf")  # an empty directory is filled
+    (dst / "model.safetensors").write_text("stale")  # a model directory is replaced
     convert(run, dst, to="native", dtype="bf16")
-    assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").is_file()
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     m2, _ = load_model(dst, dtype=torch.float32)
     assert m2.layers["0"].self_attn.q_a_proj.weight.dtype == torch.float32  # stored bf16, loaded as asked
     with pytest.raises(NanoseekError, match="is the source"):

@@ -123,7 +123,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     save_pretrained(ours, tmp_path, dtype=torch.float32, max_shard_bytes=200_000)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
-    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()  # no dtype: config.json's, fp32 as stored
+    assert hf.dtype == torch.float32
     x = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
@@ -142,6 +143,27 @@ def test_round_trip_is_exact_including_mtp_and_bias(tmp_path):
     assert len(back.mtp) == 2 and back.mtp[0].embed_tokens is None  # equal copies are tied back
     index = json.loads((tmp_path / "config.json").read_text())
     assert index["num_nextn_predict_layers"] == 2
+
+
+def test_config_records_the_stored_dtype_and_nanoseek_fields(tmp_path):
+    ours = _ours()
+    ours.cfg = ours.cfg.replace(attn_impl="naive", name="mine")
+    for kw, want in (
+        ({"dtype": torch.bfloat16}, "bfloat16"),
+        ({"dtype": None}, "float32"),
+        ({"fp8": True}, "bfloat16"),
+    ):
+        save_pretrained(ours, tmp_path, **kw)
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        assert cfg["dtype"] == cfg["torch_dtype"] == want, kw
+        assert cfg["nanoseek"] == {"attn_impl": "naive", "name": "mine"}
+        assert DeepseekV3Config.from_pretrained(tmp_path).dtype == getattr(torch, want)
+    back = load_pretrained(tmp_path, attn_impl=None)
+    assert back.cfg == ours.cfg and back.cfg.name == "mine"  # name is not compared by ==
+    cfg["nanoseek"] = {"attn_impl": "fast"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NanoseekError, match=r"config\.json key 'nanoseek': .*attn_impl must be naive\|absorb"):
+        load_pretrained(tmp_path, attn_impl=None)
 
 
 def test_mtp_from_hand_built_checkpoint_matches_independent_computation(tmp_path):
