@@ -260,7 +260,9 @@ def run(
         },
         "acceptance_rate": default.acceptance_rate if default else None,
         "tokens_per_forward": default.tokens_per_forward if default else None,
-        "acceptance_rate_by_engine": {f"{n}_k{k}": round(g.acceptance_rate, 4) for (n, k), g in spec.items()},
+        "acceptance_rate_by_engine": {
+            f"{n}_k{k}": g.acceptance_rate and round(g.acceptance_rate, 4) for (n, k), g in spec.items()
+        },
         "acceptance_per_position_k2": spec["bf16", 2].acceptance_per_position if ("bf16", 2) in spec else None,
         "tokens_per_forward_k2": spec["bf16", 2].tokens_per_forward if ("bf16", 2) in spec else None,
         "kv_cache_bytes_per_token_bf16": kv_bytes,
@@ -303,16 +305,17 @@ class Pooled:
         self.tokens_per_s = n / sum(g.prefill_s + g.decode_s for g in gens)
         self.decode_tokens_per_s = (n - len(self.tokens)) / sum(g.decode_s for g in gens)
         steps = [g.extra.get("speculative_steps", 0) for g in gens]
-        if gens[0].acceptance_rate is None or not sum(steps):
+        if not sum(steps):  # plain decoding, or no prompt got to a speculative step
             self.acceptance_rate = self.acceptance_per_position = self.tokens_per_forward = None
             return
+        spec = [(g, s) for g, s in zip(gens, steps, strict=True) if s]  # a prompt without a step proposed nothing
 
         def per_step(values: list[float]) -> float:  # a mean over all speculative steps of all prompts
-            return sum(v * s for v, s in zip(values, steps, strict=True)) / sum(steps)
+            return sum(v * s for v, (_, s) in zip(values, spec, strict=True)) / sum(steps)
 
-        self.acceptance_rate = per_step([g.acceptance_rate for g in gens])
-        self.acceptance_per_position = [per_step(list(col)) for col in zip(*(g.acceptance_per_position for g in gens))]
-        self.tokens_per_forward = per_step([g.tokens_per_forward for g in gens])
+        self.acceptance_rate = per_step([g.acceptance_rate for g, _ in spec])
+        self.acceptance_per_position = [per_step(list(c)) for c in zip(*(g.acceptance_per_position for g, _ in spec))]
+        self.tokens_per_forward = per_step([g.tokens_per_forward for g, _ in spec])
 
 
 def _goal(text: str, value: float | None, target: float, trained: bool = True) -> dict:

@@ -1,6 +1,8 @@
 """Token sampling, stop conditions and streaming text for `nanoseek.engine`.
 
 - `SamplingParams`: greedy (temperature 0) or temperature / top-k / top-p sampling with an optional seed.
+  Any finite temperature > 0 samples: logits are scaled in float64 with their maximum subtracted first, so a
+  tiny one (even 1e-300) cannot overflow; it tends to greedy, with exact ties shared.
 - `probs(logits, params)`: the exact distribution a token is drawn from after temperature, top-k and top-p.
   Speculative decoding needs this distribution itself (not just a sample) for its acceptance rule.
 - `TextStream`: incremental detokenisation. Byte-level BPE splits multi-byte characters over several
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +31,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise NanoseekError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise NanoseekError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise NanoseekError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -50,7 +53,9 @@ class SamplingParams:
 
 def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [..., V] -> fp32 probabilities [..., V] after temperature, top-k and top-p (not for greedy)."""
-    x = logits.float() / params.temperature
+    # float64 and max subtracted: (x - max) / T is <= 0 and never NaN for any T > 0 (a float32 T may round to 0)
+    x = logits.double()
+    x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < x.shape[-1]:
         kth = x.topk(params.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -61,7 +66,7 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = (sp.cumsum(dim=-1) - sp) >= params.top_p
         p = p.scatter(-1, order, sp.masked_fill(drop, 0.0))
         p = p / p.sum(dim=-1, keepdim=True)
-    return p
+    return p.float()
 
 
 def draw(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -89,8 +89,8 @@ def speculative_generate(
     then MTP layers) may be passed in to inspect them afterwards."""
     model = engine.model
     model.require_mtp()
-    if k < 1:
-        raise NanoseekError(f"--draft-tokens must be >= 1, got {k}")
+    if not 1 <= k <= max_new_tokens:  # more drafts than tokens to generate only costs memory (caches hold k more)
+        raise NanoseekError(f"--draft-tokens must be in [1, --max-new-tokens = {max_new_tokens}], got {k}")
     L, D = model.cfg.num_hidden_layers, len(model.mtp)
     depths = min(k, D)  # MTP modules used as such; drafts beyond D chain the last one
     P = len(prompt)
@@ -171,8 +171,9 @@ def _result(engine, out: RowOutput, P: int, prefill_s, decode_s, steps, committe
         decode_s=decode_s,
         main_forwards=1 + steps,
         kv_cache_bytes_per_token=sum(c.bytes_per_token() for c in caches),
-        acceptance_rate=sum(accepted) / (k * steps) if steps else 0.0,
-        acceptance_per_position=[a / steps if steps else 0.0 for a in accepted],
+        # no speculative step (the first token ended it): nothing was proposed, so no rate
+        acceptance_rate=sum(accepted) / (k * steps) if steps else None,
+        acceptance_per_position=[a / steps for a in accepted] if steps else None,
         tokens_per_forward=committed / steps if steps else 1.0,
         extra={"draft_tokens": k, "speculative_steps": steps},
     )

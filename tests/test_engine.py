@@ -105,7 +105,7 @@ def test_kv_cache_bytes_match_the_formula():
     p = prompt(6)
     assert engine("bf16").generate(p, max_new_tokens=2).kv_cache_bytes_per_token == latent * L * 2
     assert engine("fp32").generate(p, max_new_tokens=2).kv_cache_bytes_per_token == latent * L * 4
-    spec = engine("bf16").generate(p, max_new_tokens=2, speculative=3)
+    spec = engine("bf16").generate(p, max_new_tokens=3, speculative=3)  # k <= max_new_tokens
     assert spec.kv_cache_bytes_per_token == latent * (L + D) * 2  # the MTP blocks' latent caches too
     naive = engine("bf16", attn_impl="naive").generate(p, max_new_tokens=2)
     heads = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
@@ -134,6 +134,22 @@ def test_sampling_filters():
     assert hot.max() < full.max() < cold.max()
     with pytest.raises(NanoseekError):
         SamplingParams(top_p=0.0)
+
+
+def test_temperature_must_be_finite_and_tiny_ones_are_safe():
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(NanoseekError, match="temperature must be a finite number >= 0"):
+            SamplingParams(temperature=t)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 5
+    hot = torch.nn.functional.one_hot(logits.argmax(-1), 300).float()
+    for t in (1e-45, 1e-300, 5e-324):  # below float32's smallest number, and float64's
+        assert torch.equal(probs(logits, SamplingParams(temperature=t)), hot), t
+        assert torch.equal(
+            probs(logits.bfloat16(), SamplingParams(temperature=t, top_p=0.5)).argmax(-1), hot.argmax(-1)
+        )
+    e = engine()
+    tiny = e.generate(prompt(6), max_new_tokens=10, sampling=SamplingParams(1e-45, seed=0), speculative=2)
+    assert tiny.tokens == e.generate(prompt(6), max_new_tokens=10).tokens  # sampling that close to 0 is greedy
 
 
 def test_seeded_sampling_is_reproducible():
@@ -311,6 +327,18 @@ def test_speculative_errors():
     e = engine()
     with pytest.raises(NanoseekError, match="batch 1"):
         e.generate([prompt(4), prompt(5)], max_new_tokens=3, speculative=1)
+    for k in (-4, 4, 100_000):  # more drafts than new tokens would only allocate (100_000: out of memory)
+        with pytest.raises(NanoseekError, match=r"--draft-tokens must be in \[1, --max-new-tokens = 3\], got"):
+            e.generate(prompt(4), max_new_tokens=3, speculative=k)
+
+
+@pytest.mark.parametrize("sampling", [None, SamplingParams(1.0, seed=0)])
+def test_no_speculative_step_reports_no_acceptance(sampling):
+    """One new token comes from the prefill: no draft was proposed, so there is no acceptance rate (not 0)."""
+    res = engine().generate(prompt(4), max_new_tokens=1, speculative=1, sampling=sampling)
+    assert len(res.tokens[0]) == 1 and res.extra["speculative_steps"] == 0 and res.main_forwards == 1
+    d = res.to_dict()
+    assert d["acceptance_rate"] is None and d["acceptance_per_position"] is None and d["tokens_per_forward"] == 1.0
 
 
 def test_decode_moe_gather_path_matches_the_sorted_path():
@@ -380,6 +408,60 @@ def test_generate_cli_plain_chat_and_errors(saved_model, capsys, monkeypatch, tm
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
 
 
+def test_generate_cli_refuses_bad_flags_in_one_line(saved_model, capsys, monkeypatch):
+    import io
+
+    from nanoseek.cli import main
+
+    base = ["generate", "--model", str(saved_model), "--max-new-tokens", "4", "--prompt", "x"]
+    bad = {
+        ("--threads", "-2"): "--threads must be >= 1, got -2",
+        ("--threads", "0"): "--threads must be >= 1, got 0",
+        ("--draft-tokens", "2"): "--draft-tokens applies to --speculative mtp only",
+        ("--speculative", "mtp", "--draft-tokens", "-4"): "--draft-tokens must be in [1, --max-new-tokens = 4], got -4",
+        ("--speculative", "mtp", "--draft-tokens", "100000"): "must be in [1, --max-new-tokens = 4], got 100000",
+        ("--temperature", "nan"): "temperature must be a finite number >= 0, got nan",
+        ("--prompt", "abc\udcff"): "--prompt is not valid UTF-8 (at position 3)",  # argv's escape of byte 0xff
+        ("--prompt", "y", "--speculative", "mtp"): "--speculative mtp decodes one prompt at a time",
+        ("--chat", "--prompt", "y"): "--chat reads its turns from stdin: give at most one --prompt",
+        ("--prompt", "-", "--prompt", "-"): "--prompt - (stdin) can be given once",
+    }
+    for flags, msg in bad.items():
+        assert main([*base, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (flags, err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"abc\xff\n")))
+    assert main([*base[:-1], "-"]) == 2
+    assert "error: the prompt on stdin is not valid UTF-8 (at position 3)" in capsys.readouterr().err
+
+
+def test_generate_cli_batch_chat_prompt_and_no_speculative_step(saved_model, tok, capsys, monkeypatch):
+    import io
+
+    from nanoseek.cli import main
+
+    base = ["generate", "--model", str(saved_model), "--max-new-tokens", "4", "--dtype", "fp32", "--ignore-eos"]
+    singles = []
+    for p in ("x = ", "def add("):
+        assert main([*base, "--prompt", p, "--json"]) == 0
+        singles.append(json.loads(capsys.readouterr().out))
+    assert main([*base, "--prompt", "x = ", "--prompt", "def add(", "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert batch["tokens"] == [s["tokens"] for s in singles] and batch["text"] == [s["text"] for s in singles]
+    assert main([*base, "--prompt", "x = ", "--prompt", "def add("]) == 0
+    out = capsys.readouterr().out
+    assert f"=== prompt 1 ===\n{singles[0]['text']}\n=== prompt 2 ===\n{singles[1]['text']}\n" in out
+    # --chat: --prompt is the first turn, then stdin's lines
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def add(\n"))
+    assert main([*base, "--chat", "--json", "--prompt", "x = "]) == 0
+    turns = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(turns) == 2 and turns[0]["prompt_tokens"] == len(tok.encode("x = \n"))  # a line, as the others
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 4
+    # one new token: no speculative step, so no acceptance rate (n/a), not 0
+    assert main([*base[:-3], "--max-new-tokens", "1", "--prompt", "x", "--speculative", "mtp"]) == 0
+    assert "acceptance n/a (no speculative step)" in capsys.readouterr().err
+
+
 def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):
     """`nanoseek bench decode --quick` end to end on a micro model: every arm ran, and the greedy tokens of
     our fp32 engine equal transformers' and plain == speculative (the arms measure the same decoding)."""
@@ -414,3 +496,19 @@ def test_compiled_engine_matches_eager():
     assert chunk.call_count == 2  # 11 decode steps: two compiled chunks of 4 greedy steps, then 3 single steps
     spec = comp.generate(prompts[0], max_new_tokens=12, ignore_eos=True, speculative=2)
     assert spec.tokens == [want[0]]
+
+
+def test_decode_bench_pools_acceptance_over_speculative_steps_only():
+    """The decode bench's pooled acceptance weighs each prompt by its speculative steps; a prompt that ended
+    before any step (acceptance None: nothing was proposed) counts for nothing instead of breaking the mean."""
+    from nanoseek.bench_decode import Pooled
+    from nanoseek.engine import Generation
+
+    def gen(steps, acc, per_pos, tpf):
+        return Generation([[1] * 5], None, ["length"], [3], 0.1, 0.4, 1 + steps, 80, acc, per_pos, tpf,
+                          {"speculative_steps": steps})  # fmt: skip
+
+    p = Pooled([gen(3, 0.5, [0.5], 1.5), gen(0, None, None, 1.0), gen(1, 1.0, [1.0], 2.0)])
+    assert p.acceptance_rate == pytest.approx(0.625) and p.acceptance_per_position == [pytest.approx(0.625)]
+    assert p.tokens_per_forward == pytest.approx(1.625)
+    assert Pooled([gen(0, None, None, 1.0)]).acceptance_rate is None
