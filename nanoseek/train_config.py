@@ -74,7 +74,7 @@ class TrainConfig:
         "loss-free gamma over training: constant | lr (scaled like the learning rate: warm-up, cosine decay)",
         choices=["constant", "lr"],
     )
-    seq_aux_alpha: float | None = _f(None, "sequence-wise balance loss alpha (default 1e-4 with loss-free, else 0)")
+    seq_aux_alpha: float | None = _f(None, "sequence-wise balance loss alpha (default: 1e-4 with loss-free, else 0)")
     aux_alpha: float = _f(1e-3, "classic auxiliary balance loss alpha (used with --balance aux)")
     # multi-token prediction
     mtp_weight: float = _f(0.3, "MTP loss weight lambda")
@@ -108,7 +108,9 @@ class TrainConfig:
         False, "FSDP2 for data parallelism: parameters, gradients and optimizer states sharded (not with --pp)"
     )
     ranks_per_node: int | None = _f(None, "ranks per node for node-limited routing (default: LOCAL_WORLD_SIZE)")
-    max_nodes_per_token: int | None = _f(None, "node-limited routing: each token's experts span at most M nodes")
+    max_nodes_per_token: int | None = _f(
+        None, "node-limited routing: each token's experts span at most M nodes (default: no limit)"
+    )
 
     def resolved_out(self) -> Path:
         return Path(self.out or f"runs/{self.preset}")
@@ -130,7 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         meta = dict(f.metadata)
         help_ = meta.pop("help")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=argparse.SUPPRESS, help=f"{help_} (default: {default})", **meta)
+        # a help text that names its own default ("default: the preset's") keeps it; others get the value
+        help_ = help_ if "(default:" in help_ else f"{help_} (default: {default})"
+        kw = dict(default=argparse.SUPPRESS, help=help_, **meta)
         if f.type in ("bool",):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "override":
