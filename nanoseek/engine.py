@@ -221,9 +221,7 @@ class Engine:
         tokens = torch.zeros(len(prompts), P, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        caches = self.model.make_caches(len(prompts), capacity, self.dtype)
-        if not mtp:
-            caches = caches[: self.model.cfg.num_hidden_layers]
+        caches = self.model.make_caches(len(prompts), capacity, self.dtype, mtp=mtp)
         pad = None
         if min(lens) != P:
             pad = torch.tensor([P - n for n in lens])[:, None]

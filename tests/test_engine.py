@@ -110,6 +110,9 @@ def test_kv_cache_bytes_match_the_formula():
     naive = engine("bf16", attn_impl="naive").generate(p, max_new_tokens=2)
     heads = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     assert naive.kv_cache_bytes_per_token == heads * L * 2
+    # plain decoding does not allocate the MTP blocks' caches at all
+    assert len(engine("bf16").start([p], capacity=8)[1].caches) == L
+    assert len(engine("bf16").start([p], capacity=8, mtp=True)[1].caches) == L + D
 
 
 def test_bf16_engine_runs_and_mostly_agrees_with_fp32():

@@ -144,11 +144,12 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def make_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[LayerCache]:
-        """One preallocated cache per block (main layers, then MTP layers)."""
+    def make_caches(self, batch: int, max_len: int, dtype=None, device=None, mtp: bool = True) -> list[LayerCache]:
+        """One preallocated cache per block (main layers, then MTP layers unless `mtp=False`)."""
         p = next(self.parameters())
         dtype, device = dtype or p.dtype, device or p.device
-        return [LayerCache(b.self_attn.cache_spec(), batch, max_len, dtype, device) for b in self.blocks()]
+        blocks = self.blocks() if mtp else list(self.layers.values())
+        return [LayerCache(b.self_attn.cache_spec(), batch, max_len, dtype, device) for b in blocks]
 
     # --- forward ------------------------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor):
