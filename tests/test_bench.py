@@ -159,14 +159,27 @@ def test_delegated_benches(name, module, func, tmp_path, monkeypatch):
     mod = importlib.import_module(module)
     calls = []
 
+    # the keys each bench plots from (shaped like the real results)
+    plotted = {
+        "decode": ({"tokens_per_s": {"ours_fp32_b1": 500.0, "ours_fp32_b8": 1500.0, "transformers_fp32_b1": 300.0}},
+                   ["decode_tokens_per_s.png"]),
+        "comm": ({"bytes_per_token": {"bf16_no_limit": 2300.0, "bf16_max_1_node": 800.0, "fp8_no_limit": 1700.0,
+                                      "fp8_max_1_node": 600.0},
+                  "bubble": {"1f1b": {"measured_s": 0.18, "simulated_s": 0.07}}},
+                 ["comm_bubbles.png", "comm_bytes_per_token.png"]),
+    }  # fmt: skip
+    data, pngs = plotted[name]
+
     def fake(quick, out_dir=None, model=None):
         calls.append((quick, model))
-        return {"speedup": 1.5, "rows": [{"a": 1, "b": 2.5}], "nested": {"x": 3}}
+        return {"speedup": 1.5, "rows": [{"a": 1, "b": 2.5}], "nested": {"x": 3}, **data}
 
     monkeypatch.setattr(mod, func, fake, raising=False)
     r = run(name, BenchOptions(quick=True, out=tmp_path))
     assert calls == [(True, None)] and r["speedup"] == 1.5 and r["bench"] == name
-    assert "| a " in (tmp_path / f"{name}.md").read_text()
+    report = (tmp_path / f"{name}.md").read_text()
+    assert "| a " in report and sorted(p.name for p in tmp_path.glob("*.png")) == pngs
+    assert all(f"]({png})" in report for png in pngs)
     if name == "decode":  # `nanoseek bench decode --model DIR` measures that model
         run(name, BenchOptions(quick=True, out=tmp_path, model="runs/some-model"))
         assert calls[-1] == (True, "runs/some-model")
