@@ -251,9 +251,9 @@ _FAST_FP32_CPU: bool | None = None
 
 
 def _cpu_fast_fp32_is_accurate() -> bool:
-    """oneDNN's `fp32_precision="bf16"` mode runs fp32 matmuls on the AMX bf16 units. On the machines we
-    measured it stays fp32-accurate (several bf16 passes, ~2x the bf16 time, ~3x faster than the fp32 FMA
-    path); check that once per process and use it only if so."""
+    """oneDNN's `fp32_precision="bf16"` mode runs fp32 matmuls as several bf16 passes on the CPU's bf16 units
+    (AVX512-BF16, or AMX where present). On the machines we measured it stays fp32-accurate (~2x the bf16
+    time, faster than the fp32 FMA path); check that once per process and use it only if so."""
     global _FAST_FP32_CPU
     if _FAST_FP32_CPU is None:
         ok = False
@@ -283,8 +283,8 @@ def _mkldnn_fp32_precision(value: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def fp32_gemm_mode(device: torch.device | str) -> Iterator[None]:
-    """fp32 matmuls that really are fp32-accurate (no TF32 on CUDA) and as fast as the device allows (AMX
-    through oneDNN on CPU when `_cpu_fast_fp32_is_accurate`). Sets process-wide flags while active."""
+    """fp32 matmuls that really are fp32-accurate (no TF32 on CUDA) and as fast as the device allows (bf16
+    passes through oneDNN on CPU when `_cpu_fast_fp32_is_accurate`). Sets process-wide flags while active."""
     device = torch.device(device)
     if device.type == "cpu" and _cpu_fast_fp32_is_accurate():
         with _mkldnn_fp32_precision("bf16"):

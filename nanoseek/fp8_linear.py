@@ -17,8 +17,8 @@ Backends, chosen per call:
   recipe's N_C = 128 promotion, done by hand), else the emulation. Each candidate is checked once against
   the emulation on a small problem before it is trusted.
 - Otherwise (CPU), exact emulation: dequantise both operands to fp32 (value * scale, exact up to the fp32
-  rounding of the product) and run one fp32-accurate GEMM (on AMX via oneDNN when `fp32_gemm_mode` finds
-  that accurate). With power-of-two scales every dequantised E4M3 value is a bf16 number, so Fprop/Dgrad
+  rounding of the product) and run one fp32-accurate GEMM (as bf16 passes via oneDNN when `fp32_gemm_mode`
+  finds that accurate). With power-of-two scales every dequantised E4M3 value is a bf16 number, so Fprop/Dgrad
   with bf16 outputs use a plain bf16 GEMM, which accumulates in fp32 and rounds once, i.e. is exact too.
   docs/fp8.md has the measurements behind this choice.
 """
@@ -287,8 +287,8 @@ class Fp8Linear(nn.Linear):
 
 # ----------------------------------------------------------------------------------- FP8 routed experts
 class _Groups:
-    """Rows sorted by expert: either equal-capacity buckets [E, C, .] for one bmm (in bf16 ~3x faster than
-    grouped GEMMs on AMX CPUs; cheap when loads are balanced) or, for skewed loads, a loop over expert
+    """Rows sorted by expert: either equal-capacity buckets [E, C, .] for one bmm (in bf16 faster than grouped
+    GEMMs on the CPUs we measured; cheap when loads are balanced) or, for skewed loads, a loop over expert
     slices. Both tile the token dimension per expert from its first row, so they give the same numbers."""
 
     def __init__(self, counts: torch.Tensor, rows: int, impl: str = "auto"):
