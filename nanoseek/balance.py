@@ -26,10 +26,13 @@ validation set (MaxVio_global), per layer and averaged over layers.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
 from .model.moe import MoE
+from .model.transformer import Transformer
 
 
 def maxvio(counts: torch.Tensor) -> float:
@@ -95,18 +98,26 @@ class LossFreeBalancer:
 
     RULES = ("sign", "proportional")
 
-    def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None, rule: str = "sign"):
+    def __init__(self, model: torch.nn.Module, rate: float = 1e-3, group=None, rule: str = "sign", stage_group=None):
         if rule not in self.RULES:
             raise ValueError(f"bias update rule must be one of {self.RULES}, got {rule!r}")
         self.rule = rule
         # main-model MoE layers first, then the MTP layers' (all are updated; MaxVio reports the main ones)
-        main = [
-            m for n, m in model.named_modules() if isinstance(m, MoE) and not (n.startswith("mtp.") or ".mtp." in n)
-        ]
+        mtp = lambda n: n.startswith("mtp.") or ".mtp." in n
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE) and not mtp(n)]
+        main = [m for _, m in named]
         self.layers = main + [m for m in model.modules() if isinstance(m, MoE) and m not in main]
         self.n_main = len(main)
         self.rate, self.group = rate, group
-        self.last_counts: list[torch.Tensor] = []
+        self.last_counts: list[torch.Tensor] = []  # this rank's layers (main, then MTP), summed over `group`
+        self.last_main: list[torch.Tensor] = []  # every main layer's, in layer order (all stages)
+        # pipeline: the main layers are spread over the stages of `stage_group`; the reports gather them
+        self.stage_group = stage_group
+        if stage_group is not None:
+            self.layer_ids = [int(re.search(r"(?:^|\.)layers\.(\d+)\.", n + ".").group(1)) for n, _ in named]
+            cfg = next(m.cfg for m in model.modules() if isinstance(m, Transformer))
+            self.shape = (cfg.num_hidden_layers, cfg.n_routed_experts)
+            self.device = next(model.parameters()).device
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run `step()` after each optimizer step (skipped steps never call the optimizer, so no update)."""
@@ -120,10 +131,23 @@ class LossFreeBalancer:
             counts = list(flat.split([c.numel() for c in counts]))
         return counts
 
+    def _all_stages(self, main: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Main-layer counts of every pipeline stage in layer order (collective over `stage_group`): one row per
+        layer plus a flag column marking the MoE layers; each layer lives on exactly one stage, so a sum."""
+        if self.stage_group is None:
+            return [c.cpu() for c in main]
+        L, E = self.shape
+        rows = torch.zeros(L, E + 1, dtype=torch.long, device=self.device)
+        for i, c in zip(self.layer_ids, main):
+            rows[i, :E], rows[i, E] = c, 1
+        dist.all_reduce(rows, group=self.stage_group)
+        return [r[:E].cpu() for r in rows if r[E] > 0]
+
     @torch.no_grad()
     def step(self) -> None:
         counts = self._gather()
         self.last_counts = [c.cpu() for c in counts]
+        self.last_main = self._all_stages(counts[: self.n_main])
         for moe, c in zip(self.layers, counts):
             bias = moe.gate.e_score_correction_bias
             if self.rate and bias is not None and c.sum() > 0:
@@ -140,8 +164,9 @@ class LossFreeBalancer:
 
     def maxvio_batch(self) -> list[float]:
         """Per-layer MaxVio of the last step's (global) batch, main-model layers (as the papers report it)."""
-        return [maxvio(c) for c in self.last_counts[: self.n_main] if c.sum() > 0]
+        return [maxvio(c) for c in self.last_main if c.sum() > 0]
 
     def main_counts(self) -> list[torch.Tensor]:
-        """Tokens per expert of each main-model MoE layer since the last reset (e.g. over a validation pass)."""
-        return [m.tokens_per_expert.clone() for m in self.layers[: self.n_main]]
+        """Tokens per expert of each main-model MoE layer since the last reset (e.g. over a validation pass), of
+        every pipeline stage (collective under PP)."""
+        return self._all_stages([m.tokens_per_expert.clone() for m in self.layers[: self.n_main]])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def _info(args) -> None:
     from .config import ModelConfig, get_preset
     from .costs import cost_report
 
+    if args.seq_len < 1:
+        raise NanoseekError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.config:
         try:
             d = json.loads(Path(args.config).read_text())
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except NanoseekError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error: print it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -80,12 +80,23 @@ _FP8_SUFFIXES = (
 # --- config --------------------------------------------------------------------------------------------------
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig from a DeepSeek-V2/V3 config.json (either dialect)."""
+    # V2/V2-Lite ship model_type deepseek_v2, V3/R1 deepseek_v3; V3-architecture derivatives (e.g. Kimi K2) keep
+    # the architecture name. Anything else would silently get V3's defaults for every missing field.
+    mtype, archs = d.get("model_type"), d.get("architectures")
+    archs = archs if isinstance(archs, list) else []
+    if mtype not in ("deepseek_v2", "deepseek_v3") and not {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"} & set(
+        archs
+    ):
+        raise NanoseekError(
+            f"{source}: model_type {mtype!r} (architectures {archs}) is not a DeepSeek V2/V3 config: "
+            "expected model_type deepseek_v2 or deepseek_v3"
+        )
     d = {**_HF_DEFAULTS, **{k: v for k, v in d.items() if v is not None or k == "q_lora_rank"}}
     if d.get("attention_bias"):
         raise NanoseekError(f"{source}: attention_bias = true is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise NanoseekError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-    v2 = d.get("model_type") == "deepseek_v2"
+    v2 = mtype == "deepseek_v2" or "DeepseekV2ForCausalLM" in archs
     kw = {k: d[k] for k in _COPIED}
     kw["q_lora_rank"] = d.get("q_lora_rank") or 0
     kw["n_group"] = d.get("n_group") or 1

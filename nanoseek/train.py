@@ -176,7 +176,10 @@ class Trainer:
             self.model.set_balance_losses(self.seq_alpha, self.batch_alpha)
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
         self.bias_rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
-        self.balancer = LossFreeBalancer(self.model, self.bias_rate, group=self.plan.counts_group, rule=tc.bias_update)
+        self.balancer = LossFreeBalancer(
+            self.model, self.bias_rate, group=self.plan.counts_group, rule=tc.bias_update,
+            stage_group=self.plan.pp_group if self.plan.pp > 1 else None,  # MaxVio over every stage's layers
+        )  # fmt: skip
         self.balancer.attach(self.optimizer)
         self.forward = torch.compile(lm_losses) if tc.compile else lm_losses
 
@@ -306,7 +309,7 @@ class Trainer:
             "tokens_per_s": ntok / dt,
             "maxvio_batch": float(np.mean(vio)) if vio else None,
             "maxvio_batch_layers": vio,
-            "expert_load": [c.tolist() for c in self.balancer.last_counts[: self.balancer.n_main]] if finite else [],
+            "expert_load": [c.tolist() for c in self.balancer.last_main] if finite else [],
             "skipped": not finite,
             "nan_skips": self.nan_skips,
         }
@@ -361,11 +364,23 @@ class Trainer:
         target = self.out / "checkpoints" / f"step_{self.step:07d}"
         weights = self.plan.full_state_dict(self.model)  # collective under torchrun
         optim = self._gather_objects(self.plan.optimizer_state(self.optimizer))
-        if not self.is_main:
-            return target
+        failed = None
+        if self.is_main:
+            try:
+                self._write_checkpoint(target, weights, optim)
+            except NanoseekError as e:
+                failed = e
+        # every rank learns whether rank 0 wrote it: the others would run on into the next collective and die
+        # there with a transport traceback once rank 0 exits
+        if not self.plan.all_ranks(failed is None):
+            raise failed or NanoseekError(f"rank 0 could not write the checkpoint {target}")
+        return target
+
+    def _write_checkpoint(self, target: Path, weights: dict, optim: list) -> None:
         state = {
             "step": self.step,
             "world": self.plan.world,
+            "layout": self.plan.layout(),  # resuming needs the same one (optimizer-state layout, numerics)
             "optimizer": optim,  # one entry per rank
             "scheduler": self.scheduler.state_dict(),
             "data": self.stream.state_dict(),
@@ -386,7 +401,6 @@ class Trainer:
             raise NanoseekError(f"cannot write the checkpoint {target}: {e}{intact}") from None
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        return target
 
     def _gather_objects(self, obj) -> list:
         if not self.plan.distributed:
@@ -414,6 +428,13 @@ class Trainer:
         if state["world"] != self.plan.world:
             raise NanoseekError(
                 f"--resume: {directory} was written by {state['world']} ranks, this run has {self.plan.world}"
+            )
+        layout = self.plan.layout()
+        if state.get("layout", layout) != layout:  # checkpoints from before the field: the world check only
+            show = lambda d: " ".join(f"{k}={v}" for k, v in d.items())
+            raise NanoseekError(
+                f"--resume: {directory} was written with {show(state['layout'])}, this run has {show(layout)}; "
+                "resume with the same --pp/--ep/--dp-shard/--pp-schedule/--pp-microbatches settings"
             )
         self.plan.load_optimizer_state(self.optimizer, state["optimizer"][self.plan.rank])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -495,6 +516,8 @@ class Trainer:
                 bar.close()  # so that the message starts on its own line
             if self.is_main:
                 last, resume = self.last_checkpoint, f"nanoseek train --resume --out {self.out}"
+                if self.plan.world > 1:  # a plain `nanoseek train` would be one rank: refused on resume
+                    resume = f"torchrun --nproc-per-node {self.plan.world} -m {resume}"
                 where = f"the last checkpoint is {last}: continue with `{resume}`" if last else "no checkpoint yet"
                 print(f"stopped at step {self.step}; {where}", file=sys.stderr)
             raise

@@ -317,11 +317,15 @@ def test_info_cli_json():
 def test_bad_config_files_and_thread_counts_are_one_line_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     (tmp_path / "bad.json").write_text("{bad")
+    (tmp_path / "llama.json").write_text('{"model_type": "llama", "hidden_size": 4096}')
     cases = [
         (["info", "--config", str(tmp_path / "list.json")], "expected a JSON object of model config fields"),
         (["info", "--config", str(tmp_path / "bad.json")], "cannot read --config"),
         (["info", "--config", str(tmp_path / "missing.json")], "cannot read --config"),
         (["bench", "kv", "--threads", "0", "--out", str(tmp_path / "b")], "--threads must be >= 1, got 0"),
+        # an HF config of another architecture would get DeepSeek-V3's defaults for every missing field
+        (["info", "--config", str(tmp_path / "llama.json")], "model_type 'llama' (architectures []) is not a DeepSeek"),
+        (["info", "--seq-len", "-5"], "--seq-len must be >= 1, got -5"),
     ]
     for argv, needle in cases:
         r = subprocess.run([sys.executable, "-m", "nanoseek", *argv], capture_output=True, text=True)

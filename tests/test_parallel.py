@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from conftest import micro_config
 
+from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Experts, Gate
 from nanoseek.parallel import ParallelPlan
@@ -273,6 +274,12 @@ def _pp_worker(rank, world, ep, schedules):
             assert torch.equal(v, ref_state[n]), n
         if w2.mirror is not None:  # the last stage's embedding copy is loaded too
             assert torch.equal(w2.mirror.weight, ref_state["embed_tokens.weight"])
+    if ep == 1:  # DualPipeV's split backward cannot run chained MTP depths: refused up front, on every rank
+        plan = ParallelPlan(pp=2, pp_schedule="dualpipev", microbatches=4)
+        with pytest.raises(NanoseekError, match="dualpipev does not support MTP depth 2 yet"):
+            plan.wrap(build_model(num_nextn_predict_layers=2))
+        with pytest.raises(NanoseekError, match="world size 2 is not divisible by pp x ep = 3: launch with torchrun"):
+            ParallelPlan(ep=3)
 
 
 def test_pipeline_matches_single_process():
@@ -286,6 +293,21 @@ def test_pipeline_and_expert_parallel_compose():
     """PP=2 (DualPipeV) x EP=2 (two-half overlap) on 4 ranks: the same checks against the single process on the
     doubled batch."""
     spawn(_pp_worker, 4, 2, ("dualpipev",))
+
+
+def test_layout_errors_say_what_to_do_and_print_once(monkeypatch, capsys):
+    """A layout that needs ranks says how to launch them; under torchrun (RANK set) only rank 0 prints a user
+    error, while every rank exits with code 2."""
+    from nanoseek.cli import main
+
+    with pytest.raises(NanoseekError, match=r"--ep 2 needs 2 processes .*`torchrun --nproc-per-node 2 -m nanoseek"):
+        ParallelPlan(ep=2)  # a plain single process
+    monkeypatch.setenv("RANK", "1")
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
 
 
 def test_split_layers():

@@ -2,12 +2,15 @@
 of EP=2, DP=2 and PP=2 runs equals the single-process run on the same global batch."""
 
 import json
+import warnings
 
 import pytest
 from conftest import TRAIN_OVERRIDES as SMALL
 
+import nanoseek.checkpoint
+from nanoseek.errors import NanoseekError
 from nanoseek.parallel.launch import run_local
-from nanoseek.train import train
+from nanoseek.train import Trainer, train
 from nanoseek.train_config import TrainConfig
 
 
@@ -21,7 +24,7 @@ def cfg(out, corpus, **kw):
         seq_len=32,
         eval_every=3,
         save_every=3,
-        eval_tokens=200,
+        eval_tokens=231,  # 7 validation rows: a last batch of 3, uneven over 2 pipeline micro-batches
         progress=False,
         out=str(out),
         precision="fp32",
@@ -32,6 +35,30 @@ def cfg(out, corpus, **kw):
 
 
 def _rank_train(rank, world, out, corpus, kw):
+    # DDP's deprecation warning (printed twice by every rank) would fail the run
+    warnings.filterwarnings("error", message=".*broadcast_buffers", category=FutureWarning)
+    kw = dict(kw)
+    if "interrupt_after" in kw:  # Ctrl-C on every rank (as torchrun forwards it) once that many steps ran
+        stop, real = kw.pop("interrupt_after"), Trainer.train_step
+
+        def dying(self):
+            if self.step == stop:
+                raise KeyboardInterrupt
+            return real(self)
+
+        Trainer.train_step = dying  # a forked rank: the test process keeps the real one
+    if kw.pop("disk_full", False):  # rank 0's checkpoint write fails; each rank records how it ended
+        if rank == 0:
+
+            def full(*a, **k):
+                raise OSError(28, "No space left on device")
+
+            nanoseek.checkpoint.save_model = full
+        try:
+            train(cfg(out, corpus, **kw))
+        except NanoseekError as e:
+            (out / f"rank{rank}.error").write_text(str(e))
+        return
     train(cfg(out, corpus, **kw))
 
 
@@ -48,7 +75,7 @@ def records(run):
         (dict(batch_size=1, grad_accum=2, dp_shard=True), 4),  # the same with FSDP2 (sharded weights and moments)
         (dict(ep=2, batch_size=2, dp_shard=True), 4),  # FSDP2 x EP: non-expert weights sharded over the EP ranks
         (dict(pp=2, pp_schedule="dualpipev"), 4),
-        (dict(pp=2, pp_schedule="1f1b"), 4),
+        (dict(pp=2, pp_schedule="1f1b", mtp_depth=2), 4),  # two chained MTP depths on the last stage
         # the MoE balance losses under PP: each stage adds its own layers' (sequence-wise; batch-level per
         # micro-batch, which equals the single process with as many gradient-accumulation steps)
         (dict(pp=2, pp_schedule="dualpipev", seq_aux_alpha=0.05), 4),
@@ -56,7 +83,7 @@ def records(run):
     ],
 )
 def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, single_batch):
-    same = {k: kw[k] for k in ("seq_aux_alpha", "balance", "aux_alpha") if k in kw}
+    same = {k: kw[k] for k in ("seq_aux_alpha", "balance", "aux_alpha", "mtp_depth") if k in kw}
     if kw.get("balance") == "aux":  # the batch-level loss is per micro-batch: 2 accumulation steps of 2 rows
         same.update(grad_accum=2, batch_size=single_batch // 2)
     else:
@@ -70,7 +97,13 @@ def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, s
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a["step"])
         if kw.get("seq_aux_alpha") or kw.get("balance") == "aux":
             assert a["aux_loss"] > 0.01  # the balance loss is on, so its gradient path is exercised
-    assert d_evals[-1]["val_loss"] == pytest.approx(s_evals[-1]["val_loss"], rel=1e-4)
+    for k in ("val_loss", "val_mtp_loss"):
+        assert d_evals[-1][k] == pytest.approx(s_evals[-1][k], rel=1e-4), k
+    # routing statistics cover every layer (under PP: gathered from all stages, in layer order)
+    for a, b in zip(s_steps + s_evals, d_steps + d_evals):
+        for k in ("maxvio_batch", "maxvio_batch_layers", "expert_load", "maxvio_global", "val_expert_load"):
+            if k in a:
+                assert b[k] == (a[k] if "load" in k else pytest.approx(a[k], rel=1e-6)), (k, a["step"])
     # the checkpoint written from the ranks is the single-process layout with the same weights
     from safetensors.torch import load_file
 
@@ -81,14 +114,30 @@ def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, s
         assert (a[k] - b[k]).abs().max() <= 1e-4 * max(1.0, float(a[k].abs().max())), k
 
 
-def test_sharded_data_parallel_resume_is_exact(tmp_path, corpus_dir):
-    """FSDP2 (--dp-shard): a run stopped at step 2 and resumed (sharded AdamW moments saved per rank as local
-    shards and re-wrapped) continues with the uninterrupted run's losses, bit for bit."""
-    kw = dict(batch_size=2, dp_shard=True, eval_every=2, save_every=2)
-    run_local(_rank_train, 2, tmp_path / "full", corpus_dir, dict(kw, steps=4))
-    run_local(_rank_train, 2, tmp_path / "cut", corpus_dir, dict(kw, steps=2))
-    run_local(_rank_train, 2, tmp_path / "cut", corpus_dir, dict(kw, steps=4, resume="latest"))
+def test_sharded_data_parallel_resume_is_exact(tmp_path, corpus_dir, capfd):
+    """FSDP2 (--dp-shard): a run interrupted after step 2 and resumed (sharded AdamW moments saved per rank as
+    local shards and re-wrapped) continues with the uninterrupted run's losses, bit for bit."""
+    kw = dict(batch_size=2, dp_shard=True, eval_every=2, save_every=2, steps=4)
+    run_local(_rank_train, 2, tmp_path / "full", corpus_dir, kw)
+    capfd.readouterr()
+    run_local(_rank_train, 2, tmp_path / "cut", corpus_dir, dict(kw, interrupt_after=2))
+    # the hint names the launcher: a plain `nanoseek train` would be one rank
+    assert f"continue with `torchrun --nproc-per-node 2 -m nanoseek train --resume --out {tmp_path / 'cut'}`" in (
+        capfd.readouterr().err
+    )
+    # the same world size under another layout (DDP: whole moments, not shards) is refused, naming both
+    with pytest.raises(Exception, match="written with pp=1 dp=2 ep=1 dp_shard=True, this run has pp=1 dp=2 ep=1 dp_"):
+        run_local(_rank_train, 2, tmp_path / "cut", corpus_dir, dict(kw, resume="latest", dp_shard=False))
+    run_local(_rank_train, 2, tmp_path / "cut", corpus_dir, dict(kw, resume="latest"))
     (full, _), (cut, _) = records(tmp_path / "full"), records(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3, 4]
     for a, b in zip(full, cut):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+
+
+def test_failed_checkpoint_write_stops_every_rank_with_one_error(tmp_path, corpus_dir):
+    """Rank 0 cannot write a checkpoint (disk full): it raises the one-line error and the other ranks, told so by
+    the save, stop with a NanoseekError too (not printed off rank 0) instead of a transport traceback."""
+    run_local(_rank_train, 2, tmp_path / "run", corpus_dir, dict(batch_size=2, steps=1, disk_full=True))
+    assert "cannot write the checkpoint" in (tmp_path / "run" / "rank0.error").read_text()
+    assert (tmp_path / "run" / "rank1.error").read_text().startswith("rank 0 could not write the checkpoint")

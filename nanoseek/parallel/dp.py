@@ -176,11 +176,13 @@ def ddp(module: nn.Module, data_group, ignore: Iterable[nn.Parameter] = ()) -> D
     """Wrap `module` in DDP over `data_group` (the dp x ep ranks), hiding the expert shards and `ignore`
     (parameters that get no gradient in this run, e.g. MTP modules trained with weight 0) from it. The
     routing buffers are not broadcast per forward: the counts are per rank until `reduce_counts`, and the
-    bias is updated identically everywhere from the reduced counts."""
+    bias is updated identically everywhere from the reduced counts. (`forward_sync_buffers=False` replaces the
+    deprecated `broadcast_buffers=False`; it still broadcasts buffers once here, harmless: the bias is the same
+    on every rank and the counts are zero when the model is wrapped.)"""
     skip = {id(p) for p in split_params(module)[1]} | {id(p) for p in ignore}
     names = [n for n, p in module.named_parameters() if id(p) in skip]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
-    return DistributedDataParallel(module, process_group=data_group, broadcast_buffers=False)
+    return DistributedDataParallel(module, process_group=data_group, forward_sync_buffers=False)
 
 
 @contextlib.contextmanager

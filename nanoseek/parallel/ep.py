@@ -240,7 +240,9 @@ class ExpertParallel(Experts):
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         E = experts.n_experts
         if E % ep:
-            raise NanoseekError(f"expert parallel: {E} experts do not divide over ep={ep} ranks")
+            raise NanoseekError(
+                f"--ep {ep}: {E} routed experts do not split evenly over {ep} ranks; use an --ep dividing {E}"
+            )
         El = E // ep
         d, inter = experts.w13.shape[1], experts.inter
         super().__init__(El, d, inter, experts.impl)

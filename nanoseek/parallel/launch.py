@@ -80,14 +80,25 @@ class ParallelPlan:
         self.distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
+        if world == 1 and pp * ep > 1:  # a plain `nanoseek train --ep 2`
+            flags = " x ".join(f"--{k} {v}" for k, v in (("pp", pp), ("ep", ep)) if v > 1)
+            raise NanoseekError(
+                f"{flags} needs {pp * ep} processes (or a multiple): launch with "
+                f"`torchrun --nproc-per-node {pp * ep} -m nanoseek ...`"
+            )
+        if world % (pp * ep):
+            raise NanoseekError(
+                f"world size {world} is not divisible by pp x ep = {pp * ep}: launch with torchrun --nproc-per-node N "
+                f"where N is a multiple of {pp * ep}"
+            )
         dp = dp or world // (pp * ep)
         if pp * dp * ep != world:
-            raise NanoseekError(f"pp {pp} x dp {dp} x ep {ep} != world size {world}")
+            raise NanoseekError(f"pp {pp} x dp {dp} x ep {ep} != world size {world}: launch {pp * dp * ep} processes")
         if pp_schedule.lower() not in SCHEDULES:
             raise NanoseekError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {pp_schedule!r}")
         self.pp, self.dp, self.ep, self.world = pp, dp, ep, world
         if dp_shard and pp > 1:
-            raise NanoseekError("--dp-shard (FSDP2) does not run under pipeline parallelism (--pp) yet")
+            raise NanoseekError("--dp-shard (FSDP2) does not run under pipeline parallelism (--pp) yet: drop one")
         self.dp_shard = dp_shard
         self.pp_schedule, self.microbatches = pp_schedule.lower(), microbatches
         self.fp8_dispatch, self.overlap, self.mtp_weight = fp8_dispatch, overlap, mtp_weight
@@ -95,7 +106,7 @@ class ParallelPlan:
         self.max_nodes_per_token = max_nodes_per_token
         self.mesh = self.data_mesh = self.pp_group = self.ep_group = self.dp_group = self.data_group = None
         self.pp_rank, self.dp_rank, self.ep_rank = 0, 0, 0
-        self.tied_group = None
+        self.tied_group, self.n_microbatches = None, microbatches
         self._experts: dict[int, dp_mod.ExpertGradSync] = {}  # id(model) -> its hooks, for data_parallel
         self._sharded: set[int] = set()  # id(model) of models sharded with FSDP2 by data_parallel
         # where small collective tensors live: NCCL only moves CUDA tensors, gloo is used on CPU
@@ -119,6 +130,16 @@ class ParallelPlan:
         self.data_rank, self.data_world = self.dp_rank * ep + self.ep_rank, dp * ep
 
     # --- set-up ----------------------------------------------------------------------------------------
+    def layout(self) -> dict:
+        """What a checkpoint's optimizer states and loss curve depend on besides the world size (stored in it;
+        resuming under another layout is refused). Call after `wrap`."""
+        out = {"pp": self.pp, "dp": self.dp, "ep": self.ep, "dp_shard": self.dp_shard and self.data_world > 1}
+        if self.pp > 1:
+            out.update(pp_schedule=self.pp_schedule, pp_microbatches=self.n_microbatches)
+        if self.max_nodes_per_token and self.ep > 1:  # node-limited routing
+            out.update(nodes=self.n_nodes, max_nodes_per_token=self.max_nodes_per_token)
+        return out
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -147,6 +168,7 @@ class ParallelPlan:
             dev = device or self.device
             pipe = Pipeline(model, self.pp_group, self.pp_schedule, self.microbatches, self.mtp_weight, use_mtp, dev)
             pipe.tied_group = self.tied_group
+            self.n_microbatches = pipe.n_microbatches
             return pipe
         return model
 

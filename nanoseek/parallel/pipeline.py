@@ -57,7 +57,10 @@ def split_layers(n_layers: int, n_stages: int, head_units: int = 1) -> list[list
     """Contiguous near-equal split of `n_layers` layers plus `head_units` (norm + head + MTP) over stages."""
     units = n_layers + head_units
     if units < n_stages:
-        raise NanoseekError(f"pipeline: {n_layers} layers (+{head_units} head) cannot fill {n_stages} stages")
+        raise NanoseekError(
+            f"pipeline: {n_layers} layers (+{head_units} head) cannot fill {n_stages} stages: use a smaller --pp "
+            "(DualPipeV has 2 stages per rank) or more layers"
+        )
     cuts = [round(s * units / n_stages) for s in range(n_stages + 1)]
     return [list(range(cuts[s], min(cuts[s + 1], n_layers))) for s in range(n_stages)]
 
@@ -157,8 +160,16 @@ class Pipeline(nn.Module):
         n_stages = 2 * pp if schedule == "dualpipev" else pp
         self.n_stages, self.hidden_size = n_stages, model.cfg.hidden_size
         self.n_microbatches = n_microbatches or (n_stages if schedule == "dualpipev" else pp)
+        if schedule == "dualpipev" and use_mtp and len(model.mtp) > 1:
+            # torch 2.13's split backward (I, then one W pass per weight group) fails on the embedding shared by
+            # chained MTP depths ("backward through the graph a second time"); retaining the graph avoids the
+            # crash but multi-step runs then drift from the single process, so refuse it (1F1B is exact)
+            raise NanoseekError(
+                f"--pp-schedule dualpipev does not support MTP depth {len(model.mtp)} yet: "
+                "use --mtp-depth 1 or --pp-schedule 1f1b"
+            )
         if schedule == "dualpipev" and self.n_microbatches < n_stages:
-            raise NanoseekError(f"DualPipeV needs >= {n_stages} micro-batches, got {self.n_microbatches}")
+            raise NanoseekError(f"DualPipeV needs --pp-microbatches >= 2 x pp = {n_stages}, got {self.n_microbatches}")
         split = split_layers(model.cfg.num_hidden_layers, n_stages)
         mine = [r, n_stages - 1 - r] if schedule == "dualpipev" else [r]
         self.stages = nn.ModuleList([StageModule(model, s, n_stages, split[s], use_mtp) for s in sorted(mine)])
@@ -230,7 +241,10 @@ class Pipeline(nn.Module):
     def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward + backward of the whole batch (gradients accumulate into .grad); returns the mean loss."""
         if tokens.shape[0] % self.n_microbatches:
-            raise NanoseekError(f"pipeline: batch {tokens.shape[0]} is not a multiple of {self.n_microbatches}")
+            raise NanoseekError(
+                f"pipeline: batch {tokens.shape[0]} is not a multiple of {self.n_microbatches} micro-batches: "
+                "make --batch-size a multiple of --pp-microbatches"
+            )
         losses: list[torch.Tensor] = []
         self._parts = []
         for s in self.stages:
@@ -246,14 +260,15 @@ class Pipeline(nn.Module):
             total = total + aux[0].float().cpu()
         return total
 
-    def _gather_loss(self, losses: list[torch.Tensor], n: int | None = None) -> torch.Tensor:
+    def _gather_loss(self, losses: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+        """`losses` are already weighted; `weights` (default: 1 / micro-batches each) weight the parts."""
         out = torch.zeros(3, dtype=torch.float64, device=self.device)
         if self.holds_loss():
-            n = n or self.n_microbatches
-            parts = self._parts[-n:]  # the schedule's first step also calls the loss once to infer shapes
+            weights = weights or [1.0 / self.n_microbatches] * self.n_microbatches
+            parts = self._parts[-len(weights) :]  # the schedule's first step also calls the loss to infer shapes
             out[0] = float(sum(x.item() for x in losses))
-            out[1] = float(sum(p[0].item() for p in parts)) / n
-            out[2] = float(sum(p[1].item() for p in parts)) / n
+            out[1] = float(sum(w * p[0].item() for w, p in zip(weights, parts)))
+            out[2] = float(sum(w * p[1].item() for w, p in zip(weights, parts)))
         dist.broadcast(out, src=dist.get_global_rank(self.group, self.last_rank), group=self.group)
         self.last_parts = {"loss": out[1].item(), "mtp_loss": out[2].item()}
         return out[0].float()
@@ -269,7 +284,9 @@ class Pipeline(nn.Module):
         self._parts = []
         # a short last validation batch may give fewer chunks than micro-batches
         chunks = list(zip(tokens.chunk(self.n_microbatches), targets.chunk(self.n_microbatches)))
-        for tok, tgt in chunks:
+        # and uneven ones (7 rows -> 4 + 3): weight each chunk's mean loss by its rows, as one batch would
+        weights = [len(tok) / len(tokens) for tok, _ in chunks]
+        for (tok, tgt), w in zip(chunks, weights):
             h = None
             for s in range(n_stages):
                 if owner[s] != me:
@@ -281,13 +298,13 @@ class Pipeline(nn.Module):
                 if s == n_stages - 1:
                     total, main, mtp = self.loss_fn(out, tgt, self.mtp_weight)
                     self._parts.append((main, mtp))
-                    losses.append(total / len(chunks))
+                    losses.append(total * w)
                 else:
                     h = out
                     if owner[s + 1] != me:
                         dst = dist.get_global_rank(self.group, owner[s + 1])
                         dist.send(h.float().contiguous(), dst, group=self.group)
-        return self._gather_loss(losses, len(chunks))
+        return self._gather_loss(losses, weights)
 
     def sync_tied_grads(self) -> None:
         """1F1B with pp > 1: sum the embedding gradient of the first stage and the last stage's copy."""
