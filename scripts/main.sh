@@ -5,5 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-nanoseek train --out runs/tiny "$@"
+# run again, it continues the first run's checkpoints (a finished run: nothing to train) rather than starting a
+# second run in the same directory, which `nanoseek train` refuses
+resume=""
+if compgen -G "runs/tiny/checkpoints/step_*" >/dev/null; then resume="--resume"; fi
+nanoseek train --out runs/tiny $resume "$@"
 nanoseek generate --model runs/tiny --prompt "def " --max-new-tokens 64
