@@ -160,6 +160,8 @@ class ModelConfig:
             bad(f"scoring_func must be sigmoid|softmax, got {self.scoring_func!r}")
         if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
             bad(f"topk_method must be noaux_tc|greedy|group_limited_greedy, got {self.topk_method!r}")
+        if self.tie_word_embeddings:  # no DeepSeek model ties them; refused rather than silently untied
+            bad("tie_word_embeddings = true is not supported (the head has its own weight)")
         if self.moe_impl not in ("auto", "grouped_mm", "bmm", "gather", "loop"):
             bad(f"moe_impl must be auto|grouped_mm|bmm|gather|loop, got {self.moe_impl!r}")
         if self.n_routed_experts:

@@ -34,6 +34,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GREEDY_CHUNK = 4  # greedy decode steps per call of the compiled engine (see `Engine._greedy_chunk_eager`)
 
 
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise NanoseekError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return dtype
+
+
 @dataclass
 class Generation:
     """The result of `Engine.generate` (one entry per prompt in the list fields)."""
@@ -155,12 +163,16 @@ class Engine:
         max_len: int | None = None,
         compile: bool = False,
     ):
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = _dtype(dtype)
         if model.cfg.attn_type == "mla":
             model.set_attn_impl(attn_impl)  # before any cache is made: the layout depends on it
         self.model = model.to(dtype).eval()  # the routing bias stays fp32 (Gate._apply)
         self.tokenizer = tokenizer
         self.dtype = dtype
+        if max_len is not None and not 1 <= max_len <= model.cfg.max_position_embeddings:
+            raise NanoseekError(
+                f"max_len {max_len} must be in [1, max_position_embeddings = {model.cfg.max_position_embeddings}]"
+            )
         self.max_len = max_len or model.cfg.max_position_embeddings
         self.compiled = compile
         self._step, self.verify, self.draft = self._decode_eager, self._verify_eager, self._draft_eager
@@ -187,7 +199,7 @@ class Engine:
         """An engine for a run, checkpoint or HF directory; `tokenizer` overrides the directory's own."""
         from .checkpoint import load_model
 
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = _dtype(dtype)
         model, tok = load_model(path, dtype=dtype, attn_impl=attn_impl)
         if tokenizer is not None:
             from .tokenizer import Tokenizer
@@ -300,6 +312,8 @@ class Engine:
 
         `speculative=k` drafts k tokens per step with the model's MTP modules (batch 1 only).
         `on_text(row, text)` receives streamed text as it becomes printable (needs a tokenizer)."""
+        if isinstance(prompts, torch.Tensor):  # [P] ids, or [B, P] (a batch of equal-length prompts)
+            prompts = prompts.tolist()
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]

@@ -494,6 +494,7 @@ def convert_to_fp8(
             elif experts and hasattr(child, "mlp_sorted") and isinstance(getattr(child, "w13", None), nn.Parameter):
                 child.fp8 = base
                 child.mlp_sorted = _Fp8MlpSorted(child)
+                child.gather_ok = False  # the few-rows gather path would run the experts without FP8
     for module in model.modules():
         projs = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if swiglu and all(isinstance(p, Fp8Linear) for p in projs) and len({p.fp8 for p in projs}) == 1:

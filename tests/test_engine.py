@@ -515,3 +515,19 @@ def test_decode_bench_pools_acceptance_over_speculative_steps_only():
     assert p.acceptance_rate == pytest.approx(0.625) and p.acceptance_per_position == [pytest.approx(0.625)]
     assert p.tokens_per_forward == pytest.approx(1.625)
     assert Pooled([gen(0, None, None, 1.0)]).acceptance_rate is None
+
+
+def test_engine_api_input_errors_and_tensor_prompts():
+    """The Python API's own checks: a max_len past the model's positions, an unknown dtype name and a
+    non-integer top_k are NanoseekErrors before anything runs; tensor prompts work like lists."""
+    m = Transformer(micro_config(max_position_embeddings=16)).eval()
+    with pytest.raises(NanoseekError, match="max_len 1000 must be in"):
+        Engine(m, None, dtype="fp32", max_len=1000)
+    with pytest.raises(NanoseekError, match="dtype must be one of bf16, fp32, got 'fp16'"):
+        Engine(m, None, dtype="fp16")
+    with pytest.raises(NanoseekError, match="top_k must be an integer"):
+        SamplingParams(top_k=1.5)
+    eng = Engine(m, None, dtype="fp32")
+    want = eng.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=4).tokens
+    assert eng.generate(torch.tensor([1, 2, 3]), max_new_tokens=4).tokens == want[:1]
+    assert eng.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=4).tokens == want

@@ -643,3 +643,34 @@ def test_fp8_experts_ignore_the_zero_rows_of_the_padded_layout():
     assert torch.equal(y0, y1[slot]) and torch.equal(dx0, dx1[slot])
     for got, want in ((dw13_1, dw13_0), (dw2_1, dw2_0)):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_fp8_experts_keep_the_recipe_when_decoding():
+    """Few rows per call (decoding) take the MoE's gather path, which applies the expert weights itself: an
+    FP8-converted model must not switch to it (its decoding ran plain bf16/fp32 experts: logits 0.08-0.62 off
+    the full forward). Checked by the path taken, since FP8 rounding makes kernel-level comparisons fragile."""
+    import sys
+    from pathlib import Path
+    from unittest.mock import patch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import micro_config
+
+    from nanoseek.model import Transformer
+    from nanoseek.model.moe import Experts
+
+    def gathered_calls(fp8: bool) -> int:
+        torch.manual_seed(0)
+        m = Transformer(micro_config(hidden_size=128, moe_intermediate_size=32, intermediate_size=128)).eval()
+        if fp8:
+            convert_to_fp8(m)
+        toks = torch.randint(0, 300, (1, 6))
+        with torch.no_grad(), patch.object(Experts, "gathered", autospec=True, side_effect=Experts.gathered) as g:
+            c = m.make_caches(1, 8, mtp=False)
+            m(toks[:, :4], caches=c)
+            for i in range(4, 6):
+                m(toks[:, i : i + 1], start_pos=i, caches=c)
+        return g.call_count
+
+    assert gathered_calls(fp8=False) > 0  # the plain model does decode through the gather path
+    assert gathered_calls(fp8=True) == 0

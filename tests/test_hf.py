@@ -60,6 +60,7 @@ CASES = {
     "yarn": dict(rope_parameters=YARN, max_position_embeddings=256),
     "two_dense_layers": dict(first_k_dense_replace=2, num_hidden_layers=4),
     "half_split_rope": dict(rope_interleave=False, n_group=2, topk_group=1),
+    "top1_normalised": dict(num_experts_per_tok=1, n_group=1, topk_group=1),  # V3 normalises even one weight
 }
 
 

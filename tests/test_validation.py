@@ -110,6 +110,7 @@ def test_cli_prints_one_line_and_exits_2(argv, needle, tmp_path, corpus_dir, cap
         ("num_experts_per_tok=true", "--override num_experts_per_tok must be an integer, got true"),
         ("rms_norm_eps=true", "--override rms_norm_eps must be a number, got true"),
         ("tie_word_embeddings=1", "--override tie_word_embeddings must be true or false, got 1"),
+        ("tie_word_embeddings=true", "tie_word_embeddings = true is not supported"),  # was silently untied
         ('hidden_size="256"', '--override hidden_size must be an integer, got "256"'),
         ("n_group=null", "--override n_group must be an integer, got null"),
         ("hidden_size=abc", "--override hidden_size=abc: cannot parse 'abc' as int"),

@@ -74,7 +74,8 @@ class Gate(nn.Module):
             choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
         idx = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
-        if cfg.norm_topk_prob and self.top_k > 1:
+        # V3 (sigmoid) normalises for any k, as its reference and transformers do; V2 (softmax) only for k > 1
+        if cfg.norm_topk_prob and (self.top_k > 1 or cfg.scoring_func == "sigmoid"):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, idx, scores
 
@@ -305,6 +306,8 @@ class Experts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter: int, impl: str = "auto"):
         super().__init__()
         self.n_experts, self.inter, self.impl = n_experts, inter, impl
+        # the gather path applies w13/w2 itself: a recipe that swaps `mlp_sorted` (FP8) turns it off
+        self.gather_ok = True
         self.row_align = ROW_ALIGN
         self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * inter))  # [E, d, 2I]
         self.w2 = nn.Parameter(torch.empty(n_experts, inter, dim))  # [E, I, d]
@@ -330,7 +333,8 @@ class Experts(nn.Module):
         N, K = idx.shape
         if torch.is_autocast_enabled(x.device.type):  # grouped GEMMs are not on autocast's op list
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if self.impl == "gather" or (self.impl == "auto" and self.n_experts >= N * K):  # decoding: few rows
+        few_rows = self.impl == "gather" or (self.impl == "auto" and self.n_experts >= N * K)  # decoding
+        if few_rows and self.gather_ok:
             return self.gathered(x, idx, weights)
         route = Routing(idx, self.n_experts, self.pad_rows_to(N * K, x.device))
         ys = self.mlp_sorted(_Dispatch.apply(x, route), route.counts)  # [Mp, d], slots in expert order
