@@ -84,9 +84,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     # the architecture name. Anything else would silently get V3's defaults for every missing field.
     mtype, archs = d.get("model_type"), d.get("architectures")
     archs = archs if isinstance(archs, list) else []
-    if mtype not in ("deepseek_v2", "deepseek_v3") and not {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"} & set(
-        archs
-    ):
+    arch_ok = bool({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"} & set(archs))
+    if mtype not in ("deepseek_v2", "deepseek_v3") and not arch_ok:
         raise NanoseekError(
             f"{source}: model_type {mtype!r} (architectures {archs}) is not a DeepSeek V2/V3 config: "
             "expected model_type deepseek_v2 or deepseek_v3"
