@@ -454,6 +454,8 @@ class Trainer:
                 rec = json.loads(ln)
             except ValueError:
                 continue  # a partial line from a process killed mid-write
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                continue  # not a record of ours
             (keep if rec["step"] <= self.step else dropped).append(ln)
             if "val_loss" in rec and rec["step"] <= self.step:
                 self.last_eval = rec

@@ -140,7 +140,7 @@ def test_resume_edge_cases(tmp_path, corpus_dir):
         train(tc(tmp_path, corpus_dir, steps=3, seed=1))
 
     ck = run / "checkpoints"
-    (run / "metrics.jsonl").write_text(lines + '{"step": 4, "loss": 4.9')  # cut short by a crash
+    (run / "metrics.jsonl").write_text(lines + '{}\n{"step": 4, "loss": 4.9')  # a stray line; one cut short
     (ck / ".step_0000004.tmp-x1").mkdir()  # a save killed while writing
     (ck / "step_0000003").rename(ck / ".step_0000003.old-77")  # killed between atomic_dir's two renames
     s = train(tc(tmp_path, corpus_dir, steps=4, resume="latest"))
