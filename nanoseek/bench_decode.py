@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import set_threads
 from .errors import NanoseekError
 
 GOAL_VS_TRANSFORMERS = 4.0
@@ -334,12 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        set_threads(args.threads)
         result = run(args.quick, args.out, args.model, args.compile)
     except NanoseekError as e:
         print(f"error: {e}", file=sys.stderr)

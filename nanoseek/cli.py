@@ -36,6 +36,18 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_info)
 
 
+def set_threads(n: int | None) -> None:
+    """`--threads N` of every command: torch's intra-op threads. Unset keeps torch's choice; 0 is not a way to
+    ask for it (as `nanoseek train --threads`, checked with the other training settings)."""
+    if n is None:
+        return
+    if n < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _info(args) -> None:
     from .config import ModelConfig, get_preset
     from .costs import cost_report

@@ -19,8 +19,7 @@ import itertools
 import json
 import sys
 
-import torch
-
+from .cli import set_threads
 from .errors import NanoseekError
 
 
@@ -83,9 +82,9 @@ def run(args: argparse.Namespace) -> None:
     from .sampling import SamplingParams
 
     prompts = args.prompt or []
-    for flag, value in (("--threads", args.threads), ("--max-new-tokens", args.max_new_tokens)):
-        if value is not None and value < 1:  # as `nanoseek train --threads`: unset means torch's choice, not 0
-            raise NanoseekError(f"{flag} must be >= 1, got {value}")
+    set_threads(args.threads)
+    if args.max_new_tokens < 1:
+        raise NanoseekError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.chat and not prompts:
         raise NanoseekError("give --prompt TEXT (or --chat)")
     if args.chat and (len(prompts) > 1 or "-" in prompts):
@@ -100,8 +99,6 @@ def run(args: argparse.Namespace) -> None:
     if args.speculative == "mtp" and not 1 <= k <= args.max_new_tokens:
         raise NanoseekError(f"--draft-tokens must be in [1, --max-new-tokens = {args.max_new_tokens}], got {k}")
     prompts = [_stdin("the prompt on stdin") if p == "-" else _utf8(p, "--prompt") for p in prompts]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     engine = Engine.load(args.model, args.tokenizer, dtype=args.dtype, attn_impl=args.attn_impl, compile=args.compile)
     if engine.tokenizer is None:

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from . import checkpoint as ckpt
 from .atomic import atomic_dir, atomic_write_text
 from .balance import LossFreeBalancer, capture_router, maxvio, router_losses
+from .cli import set_threads
 from .config import ModelConfig, get_preset
 from .cpu_malloc import keep_freed_memory
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
@@ -104,8 +105,7 @@ class Trainer:
     def __init__(self, tc: TrainConfig):
         validate(tc)
         self.tc = tc
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        set_threads(tc.threads)
         self.out = tc.resolved_out()
         self.resume_from = None
         self.newer_checkpoints: list[Path] = []  # a rewind's abandoned checkpoints, moved aside on resume
@@ -456,8 +456,11 @@ class Trainer:
                 continue  # a partial line from a process killed mid-write
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
                 continue  # not a record of ours
-            (keep if rec["step"] <= self.step else dropped).append(ln)
-            if "val_loss" in rec and rec["step"] <= self.step:
+            if rec["step"] > self.step:
+                dropped.append(ln)
+                continue
+            keep.append(ln)
+            if "val_loss" in rec:
                 self.last_eval = rec
         if self.is_main:
             if self.newer_checkpoints:

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli import set_threads
 from ..errors import NanoseekError
 from .common import BenchOptions, Report, dumps, log, machine_info, save_json
 
@@ -61,16 +62,13 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     mod = bench_module(name)
     if opts.model is not None and name not in MODEL_BENCHES:
         raise NanoseekError(f"--model applies to the {', '.join(MODEL_BENCHES)} bench, not {name!r}")
-    if opts.threads is not None and opts.threads < 1:
-        raise NanoseekError(f"--threads must be >= 1, got {opts.threads}")
-    opts.out = Path(opts.out) if opts.out is not None else Path("runs/bench") / name
-    opts.out.mkdir(parents=True, exist_ok=True)
     import torch
 
     threads = torch.get_num_threads()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    set_threads(opts.threads)  # before anything is written
     try:
+        opts.out = Path(opts.out) if opts.out is not None else Path("runs/bench") / name
+        opts.out.mkdir(parents=True, exist_ok=True)
         machine = machine_info()
         report = Report(name, mod.TITLE, opts)
         t0 = time.perf_counter()
