@@ -10,8 +10,13 @@ as a fraction of 2**64, are below VAL_FRACTION. The hash depends only on the rel
 the same on every machine and run, and adding files never moves existing ones. If no file falls below, the
 file with the lowest hash is validation; if all do, the one with the highest goes back to train. VAL_FRACTION
 is 4% rather than 2% because 2% of the Python stdlib gives only ~460 KB (~130k tokens); 4% gives 73 files,
-~1.1 MB: 373k tokens with a 2k BPE vocab, 306k with 8k, 283k with 32k. A corpus of one file is split inside
-the file: the last ~4% (cut after a newline, so whole .jsonl lines) is validation.
+~1.1 MB: 373k tokens with a 2k BPE vocab, 306k with 8k, 283k with 32k.
+
+Split rule (inside files): a corpus of one file, or one whose file split would hold less than a quarter or more
+than four times VAL_FRACTION of the bytes (a few files, or one big file among small ones: by file, two files
+would put half the data, or 37 bytes, into validation), is split inside every file instead: the last ~4% of
+each (cut after a newline, so whole .jsonl lines) is validation; files too small to cut stay in training.
+Adding files to such a corpus can switch it to the file rule (and back).
 
 Undecodable UTF-8 is decoded with errors="replace" rather than rejected: the stdlib itself ships deliberately
 mis-encoded test files, and one bad byte in a multi-GB corpus should not stop a training run.
@@ -41,7 +46,8 @@ DIR_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "node_modules"}
 PIECE_BYTES = 64 << 10  # a long document is encoded in pieces of at most this size (see _safe_cut)
 GROUP_BYTES = 512 << 10  # text read and tokenised per encode_batch call (~150k tokens, ~0.1 s on 2 cores)
-_WS = b" \t\r\n\f\v"
+# file signatures that are never valid UTF-8 text (others, e.g. bzip2's "BZh", could start a text file)
+BINARY_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class Source:
 
     @property
     def is_jsonl(self) -> bool:
-        return self.path.suffix == ".jsonl"
+        return self.path.suffix.lower() == ".jsonl"
 
 
 def _hash01(key: str) -> float:
@@ -99,7 +105,7 @@ def default_corpus() -> Corpus:
     files = _walk(root, (".py",))
     if not files:
         raise NanoseekError(f"no .py files found in the Python standard library at {root}")
-    return _make_corpus(f"the Python standard library ({root})", root, files)
+    return _make_corpus(f"the Python standard library ({root})", root, files, check=False)
 
 
 def corpus_from_spec(spec: str) -> Corpus:
@@ -131,11 +137,38 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
-        out += [Path(dirpath, f) for f in filenames if f.endswith(suffixes) and not f.startswith(".")]
+        out += [Path(dirpath, f) for f in filenames if f.lower().endswith(suffixes) and not f.startswith(".")]
     return sorted(out)
 
 
-def _make_corpus(name: str, root: Path, files: list[Path]) -> Corpus:
+def _check_text(path: Path, name: str) -> None:
+    """Refuse a file that is evidently not text (compressed, or NUL bytes in its first 8 KB): it would decode to
+    replacement characters and train the model on noise without a word."""
+    head = _read(path, 0, 8192)
+    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise NanoseekError(f"{name}: {path} is {kind}-compressed; decompress it first (--data takes UTF-8 text)")
+    if b"\0" in head:
+        raise NanoseekError(
+            f"{name}: {path} is not text (a NUL byte at offset {head.index(0)}); --data takes UTF-8 text files"
+            " (.txt/.py/.md/.jsonl): narrow the pattern or remove the file"
+        )
+
+
+def _check_jsonl(src: Source) -> None:
+    """Parse every line of a .jsonl file once, up front, so that a bad line stops the run before training, with
+    its line number, rather than at whatever step the stream reaches it (a repaired file then has another size
+    and no longer matches the checkpoints)."""
+    try:
+        with open(src.path, "rb") as f:
+            for line, raw in enumerate(f, start=1):
+                _jsonl_text(raw, replace(src, start=0), line)
+    except OSError as e:
+        raise NanoseekError(f"cannot read {src.path}: {e.strerror}") from None
+
+
+def _make_corpus(name: str, root: Path, files: list[Path], check: bool = True) -> Corpus:
+    """`check`: refuse binary files and parse every .jsonl line up front (user data; not the stdlib)."""
     sources = []
     for p in files:
         try:
@@ -146,6 +179,10 @@ def _make_corpus(name: str, root: Path, files: list[Path]) -> Corpus:
             raise NanoseekError(f"{name}: cannot read {p}: {e.strerror}") from None
         if st.st_size > 0:
             sources.append(Source(p, p.relative_to(root).as_posix(), 0, st.st_size, st.st_mtime_ns))
+            if check:
+                _check_text(p, name)
+                if sources[-1].is_jsonl:
+                    _check_jsonl(sources[-1])
     if not sources:
         raise NanoseekError(f"{name}: all {len(files)} file(s) are empty, e.g. {files[0]}")
     if len(sources) == 1:
@@ -156,7 +193,26 @@ def _make_corpus(name: str, root: Path, files: list[Path]) -> Corpus:
         val = {min(h, key=h.__getitem__)}
     if len(val) == len(sources):
         val.remove(max(val, key=h.__getitem__))
+    val_bytes = sum(s.end for s in sources if s.rel in val)
+    if not VAL_FRACTION / 4 <= val_bytes / sum(s.end for s in sources) <= VAL_FRACTION * 4:
+        return Corpus(name, *_split_each(sources))  # see the module docstring
     return Corpus(name, [s for s in sources if s.rel not in val], [s for s in sources if s.rel in val])
+
+
+def _split_each(sources: list[Source]) -> tuple[list[Source], list[Source]]:
+    """Split every file as `_split_single` does; a file too small to cut stays whole in training."""
+    train, val = [], []
+    for src in sources:
+        try:
+            (tr,), (va,) = _split_single(src)
+        except NanoseekError:
+            train.append(src)
+            continue
+        train.append(tr)
+        val.append(va)
+    if not val:
+        raise NanoseekError(f"{sources[0].path.parent}: every file is too small to split into train and validation")
+    return train, val
 
 
 def _split_single(src: Source) -> tuple[list[Source], list[Source]]:
@@ -210,7 +266,7 @@ def _safe_cut(data: bytes) -> int:
     newline, and the whitespace run starts at it), so encoding the pieces separately gives exactly the same
     ids as encoding the whole document. Without such a point, cut at a UTF-8 character boundary."""
     i = data.rfind(b"\n")
-    while i > 0 and data[i - 1] in _WS:
+    while i > 0 and _space_before(data, i):
         i = data.rfind(b"\n", 0, i)
     if i > 0:
         return i
@@ -218,6 +274,15 @@ def _safe_cut(data: bytes) -> int:
     while j > 0 and data[j] & 0xC0 == 0x80:  # back off to the start of the last (maybe partial) character
         j -= 1
     return j if j > 0 else len(data)
+
+
+def _space_before(data: bytes, i: int) -> bool:
+    """Whether the character ending at byte i is whitespace, Unicode included (NBSP, U+3000, ...): the
+    pre-tokenizer's whitespace runs absorb the newline after any of them."""
+    j = i - 1
+    while j > 0 and data[j] & 0xC0 == 0x80:
+        j -= 1
+    return data[j:i].decode("utf-8", errors="replace").isspace()
 
 
 def _read_source(src: Source, offset: int, line: int, budget: int) -> tuple[list[tuple[str, bool]], int, int]:
@@ -257,7 +322,7 @@ def _read_source(src: Source, offset: int, line: int, budget: int) -> tuple[list
 
 def _jsonl_text(raw: bytes, src: Source, line: int) -> str:
     """The "text" field of one .jsonl line ("" for a blank line); errors name the file and line number."""
-    s = raw.decode("utf-8", errors="replace").strip()
+    s = raw.decode("utf-8-sig", errors="replace").strip()  # -sig: a BOM, as editors on Windows write
     if not s:
         return ""
 

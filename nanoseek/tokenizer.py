@@ -98,21 +98,34 @@ class Tokenizer:
             ids = ids.tolist()
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def hf_config(self, model_max_length: int) -> dict:
+    def hf_config(self, model_max_length: int | None = None) -> dict:
         """A minimal tokenizer_config.json, so that transformers' AutoTokenizer knows the EOS (and BOS, when
         the vocabulary has one; ours has none) and decodes text unchanged."""
         bos = next((c for c in BOS_CANDIDATES if self._tok.token_to_id(c) is not None), None)
-        return {
+        cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": self.eos_token,
             "bos_token": bos,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": model_max_length,
         }
+        return cfg if model_max_length is None else {**cfg, "model_max_length": model_max_length}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a standard tokenizer.json (loadable by HF `tokenizers`/`transformers` and `from_file`)."""
         self._tok.save(str(path))
+
+    def save_to_dir(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
+        """tokenizer.json plus a tokenizer_config.json naming the EOS: a tokenizer.json alone does not say which
+        special token ends a document, and a foreign one whose EOS came from its own config would come back
+        with another EOS (or none) when loaded from a run or checkpoint."""
+        directory = Path(directory)
+        self.save(directory / "tokenizer.json")
+        cfg = json.dumps(self.hf_config(model_max_length), indent=2, ensure_ascii=False)
+        (directory / "tokenizer_config.json").write_text(cfg + "\n", encoding="utf-8")
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether both map text to the same ids and end documents with the same EOS."""
+        return self.eos_token == other.eos_token and self._tok.to_str() == other._tok.to_str()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:

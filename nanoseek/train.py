@@ -101,6 +101,13 @@ def mtp_only_params(model: Transformer) -> list[torch.nn.Parameter]:
     return [p for p in model.mtp.parameters() if id(p) not in main]
 
 
+def _same_tokenizer(tok: Tokenizer, path: str) -> bool:
+    try:
+        return tok.same_as(Tokenizer.from_file(path))
+    except NanoseekError:  # missing or unreadable
+        return False
+
+
 class Trainer:
     def __init__(self, tc: TrainConfig):
         validate(tc)
@@ -130,11 +137,19 @@ class Trainer:
         # data and tokenizer
         self.corpus = corpus_from_spec(tc.data) if tc.data else default_corpus()
         self.cfg = build_model_config(tc)
-        if tc.tokenizer:
+        run_tok = next(
+            (d / "tokenizer.json" for d in (self.resume_from, self.out) if d and (d / "tokenizer.json").is_file()),
+            None,
+        )
+        if self.resume_from is not None and run_tok is not None:
+            # the tokenizer the checkpoint was trained with, not --tokenizer's path (replayed from
+            # train_config.json): that file may have been moved or changed since
+            self.tok = Tokenizer.from_file(run_tok)
+            if tc.tokenizer and os.environ.get("RANK", "0") == "0" and not _same_tokenizer(self.tok, tc.tokenizer):
+                print(f"note: --tokenizer {tc.tokenizer} is gone or changed; resuming with {run_tok}", file=sys.stderr)
+        elif tc.tokenizer:
             self.tok = Tokenizer.from_file(tc.tokenizer)
             check_vocab_fits(self.tok, self.cfg.vocab_size, tc.tokenizer)
-        elif self.resume_from is not None and (self.out / "tokenizer.json").exists():
-            self.tok = Tokenizer.from_file(self.out / "tokenizer.json")
         else:
             self.tok = get_tokenizer(self.corpus, self.cfg.vocab_size)
             check_vocab_fits(self.tok, self.cfg.vocab_size, self.tok.source)
@@ -200,7 +215,7 @@ class Trainer:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps({"format": ckpt.FORMAT, **self.cfg.to_dict()}, indent=2))
-            self.tok.save(self.out / "tokenizer.json")
+            self.tok.save_to_dir(self.out, self.cfg.max_position_embeddings)
             self._write_train_config()
             (self.out / "metrics.jsonl").write_text("")
         except OSError as e:
@@ -393,7 +408,7 @@ class Trainer:
         try:
             with atomic_dir(target) as tmp:
                 ckpt.save_model(self.core, tmp, state_dict=weights)
-                self.tok.save(tmp / "tokenizer.json")
+                self.tok.save_to_dir(tmp, self.cfg.max_position_embeddings)
                 torch.save(state, tmp / "trainer_state.pt")
         except (OSError, RuntimeError, SafetensorError) as e:  # disk full, read-only, removed directory
             last = ckpt.list_checkpoints(self.out)

@@ -218,6 +218,9 @@ def validate(tc: TrainConfig) -> None:
     for name in (*floats, "mtp_depth", "shuffle_rows", "warmup_steps", "mtp_weight_drop_step"):
         if getattr(tc, name) is not None and getattr(tc, name) < 0:
             bad(f"{flag(name)} must be >= 0, got {getattr(tc, name)}")
+    for name in ("data", "tokenizer", "out", "resume"):  # e.g. an unset shell variable: "" is not "the default"
+        if getattr(tc, name) is not None and not getattr(tc, name).strip():
+            bad(f"{flag(name)} is empty (leave the flag out for its default)")
     if tc.eval_tokens < tc.seq_len + 1:
         bad(f"--eval-tokens {tc.eval_tokens} must cover at least one sequence of --seq-len + 1 = {tc.seq_len + 1}")
     for kv in tc.override:

@@ -10,7 +10,7 @@ import torch
 
 import nanoseek.data as data
 import nanoseek.tokenizer as tokmod
-from nanoseek.data import TokenStream, corpus_from_spec, default_corpus, val_batches
+from nanoseek.data import TokenStream, _make_corpus, corpus_from_spec, default_corpus, val_batches
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import Tokenizer, check_vocab_fits, get_tokenizer, train_tokenizer
 
@@ -185,8 +185,21 @@ def test_directory_split_deterministic_disjoint(tmp_path):
 
 def test_two_files_and_single_file_splits(tmp_path):
     _make_dir(tmp_path / "two", n_files=2)
-    two = corpus_from_spec(str(tmp_path / "two"))
-    assert len(two.train) == 1 and len(two.val) == 1
+    two = corpus_from_spec(str(tmp_path / "two"))  # by file, one of two files (~50%) would be validation
+    assert [s.rel for s in two.train] == [s.rel for s in two.val] == ["f00.py", "f01.py"]
+    for tr, va in zip(two.train, two.val):  # each file split inside: its last ~4% is validation
+        assert tr.start == 0 and tr.end == va.start and 0.01 < (va.end - va.start) / va.end < 0.1
+    # one big file among small ones: whichever hashes to validation, the split must stay near 4% of the bytes
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "data.txt").write_text(_text(0, 20000))
+    (big / "notes.md").write_text("tiny\n")
+    (big / "x.md").write_text("small\n")  # too small to cut: stays whole in training
+    c = corpus_from_spec(str(big))
+    val_bytes = sum(s.end - s.start for s in c.val)
+    train_bytes = sum(s.end - s.start for s in c.train)
+    assert 0.01 < val_bytes / (val_bytes + train_bytes) < 0.16, (c.train, c.val)
+    assert {s.rel for s in c.train} == {"data.txt", "notes.md", "x.md"}
     text = _text(3, 500)
     (tmp_path / "one.txt").write_text(text)
     one = corpus_from_spec(str(tmp_path / "one.txt"))
@@ -222,6 +235,49 @@ def test_corpus_errors(tmp_path):
             corpus_from_spec(spec)
 
 
+def test_binary_files_are_refused_and_suffixes_ignore_case(tok, tmp_path):
+    import gzip
+
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(b'{"text": "hello"}\n' * 50))
+    with pytest.raises(NanoseekError, match=r"docs\.jsonl\.gz is gzip-compressed; decompress it first"):
+        corpus_from_spec(str(tmp_path / "docs.jsonl.gz"))
+    pkg = _make_dir(tmp_path / "pkg", n_files=3)
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "f00.cpython-312.pyc").write_bytes(b"\xcb\r\r\n\0\0\0\0" + b"x" * 100)
+    with pytest.raises(NanoseekError, match=r"f00\.cpython-312\.pyc is not text \(a NUL byte at offset 4\)"):
+        corpus_from_spec(str(pkg) + "/**")  # a glob takes what it matches: refused, not trained on as noise
+    assert len(corpus_from_spec(str(pkg)).train) >= 2  # the directory walk skips __pycache__
+    # upper-case suffixes: found by the directory walk, and read as .jsonl (one document per line)
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / "DOCS.JSONL").write_text("".join(json.dumps({"text": f"line {i} ok"}) + "\n" for i in range(60)))
+    corpus = corpus_from_spec(str(up))
+    assert corpus.train[0].is_jsonl
+    assert '"text"' not in tok.decode(TokenStream(corpus, tok, 15).next_batch(4).flatten())
+
+
+def test_jsonl_with_a_byte_order_mark(tok, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(40)).encode("utf-8-sig"))
+    flat = TokenStream(corpus_from_spec(str(path)), tok, 7).next_batch(3).flatten()
+    assert tok.decode(flat).startswith("doc 0")
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2028", " "])
+def test_pieces_of_a_long_document_encode_like_the_whole(tmp_path, monkeypatch, space):
+    # Pieces end before a newline that follows a non-space character; a Unicode space before the newline would
+    # be absorbed with it into one pre-token, so no cut may fall there.
+    monkeypatch.setattr(data, "PIECE_BYTES", 200)
+    text = "".join(f"word{i} here{space if i % 3 else ''}\n   x{i}\n" for i in range(300))
+    path = tmp_path / "doc.txt"
+    path.write_text(text)
+    size = path.stat().st_size
+    pieces, end, _ = data._read_source(data.Source(path, "doc.txt", 0, size), 0, 0, 10**9)
+    assert end == size and len(pieces) > 20 and [d for _, d in pieces].count(True) == 1
+    tok = train_tokenizer([text], 400)  # knows merges across "<space>\n" (a generic one might not)
+    assert [i for piece, _ in pieces for i in tok.encode(piece)] == tok.encode(text)
+
+
 def test_unreadable_file_error(tmp_path, monkeypatch):
     root = _make_dir(tmp_path / "c", n_files=3)
     target = root / "f01.py"
@@ -246,8 +302,12 @@ def test_jsonl_errors_name_file_and_line(tok, tmp_path, line, pattern):
     for bad_line, split in ((3, "train"), (99, "val")):  # the val range starts mid-file: lines still count
         path = tmp_path / f"bad{bad_line}.jsonl"
         path.write_text(good + "\n" + good * (bad_line - 3) + line + "\n" + good * (100 - bad_line))
-        corpus = corpus_from_spec(str(path))
-        with pytest.raises(NanoseekError, match=rf"bad{bad_line}\.jsonl " + pattern.format(bad_line)):
+        match = rf"bad{bad_line}\.jsonl " + pattern.format(bad_line)
+        with pytest.raises(NanoseekError, match=match):  # found up front, before any training step
+            corpus_from_spec(str(path))
+        # ...and by the stream too (a file edited after the run started)
+        corpus = _make_corpus("--data x", tmp_path, [path], check=False)
+        with pytest.raises(NanoseekError, match=match):
             if split == "train":
                 TokenStream(corpus, tok, 8).next_batch(2)
             else:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -414,6 +415,44 @@ def test_bad_inputs_give_one_line_errors(tmp_path, corpus_dir):
     big.save(tmp_path / "tok.json")
     with pytest.raises(NanoseekError, match="model's vocab_size is 512"):
         Trainer(tc(tmp_path, corpus_dir, tokenizer=str(tmp_path / "tok.json")))
+
+
+def test_run_keeps_its_tokenizer_and_eos(tmp_path, corpus_dir, capsys):
+    """A foreign tokenizer whose EOS is named only by its tokenizer_config.json keeps that EOS in the run and its
+    checkpoints (generate and convert read them); resuming uses the run's copy, not --tokenizer's path, which
+    may be gone or changed by then."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from nanoseek.checkpoint import list_checkpoints
+    from nanoseek.tokenizer import Tokenizer
+
+    def foreign(path: Path, vocab: int) -> None:
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|im_end|>"], initial_alphabet=alphabet)
+        tok.train_from_iterator([p.read_text() for p in sorted(corpus_dir.rglob("*.py"))], trainer)
+        path.mkdir()
+        tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+
+    foreign(tmp_path / "tok", 400)
+    ext = tmp_path / "tok" / "tokenizer.json"
+    train(tc(tmp_path, corpus_dir, steps=2, save_every=2, tokenizer=str(ext)))
+    run = tmp_path / "run"
+    (step2,) = list_checkpoints(run)
+    for d in (run, step2):
+        assert Tokenizer.from_file(d / "tokenizer.json").eos_token == "<|im_end|>"
+    shutil.rmtree(tmp_path / "tok")  # the external file is gone: resume with the run's own copy
+    train(tc(tmp_path, corpus_dir, steps=3, save_every=1, tokenizer=str(ext), resume="latest"))
+    assert (
+        f"note: --tokenizer {ext} is gone or changed; resuming with {step2}/tokenizer.json" in capsys.readouterr().err
+    )
+    foreign(tmp_path / "tok", 300)  # another tokenizer at that path: still the run's
+    s = train(tc(tmp_path, corpus_dir, steps=4, save_every=1, tokenizer=str(ext), resume="latest"))
+    assert (Path(s["checkpoint"]) / "tokenizer.json").read_bytes() == (step2 / "tokenizer.json").read_bytes()
 
 
 def test_fp8_training_stays_finite_and_close_to_bf16(tmp_path, corpus_dir):

@@ -47,6 +47,9 @@ from nanoseek.train_config import TrainConfig, load_settings, validate
         (dict(steps="10"), '--steps must be an integer, got "10"'),
         (dict(progress="no"), '--progress must be true or false, got "no"'),
         (dict(override="n_routed_experts=0"), "--override must be a list of strings"),
+        (dict(data=""), "--data is empty (leave the flag out for its default)"),  # e.g. an unset "$DATA"
+        (dict(tokenizer=" "), "--tokenizer is empty"),
+        (dict(out=""), "--out is empty"),
     ],
 )
 def test_bad_training_settings_are_rejected(kw, needle):
