@@ -69,9 +69,10 @@ def _untiled(t: torch.Tensor, R: int, C: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------- format helpers
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
-    """Round positive scales up to a power of two, exactly (frexp, not log2, so 2**k stays 2**k)."""
+    """Round positive scales up to a power of two, exactly (frexp, not log2, so 2**k stays 2**k). NaN and inf
+    stay as they are (frexp gives them exponent 0, i.e. a scale of 1 that would hide an overflow)."""
     m, e = torch.frexp(s)  # s = m * 2**e with 0.5 <= m < 1
-    return torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype))
+    return torch.where(s.isfinite(), torch.ldexp(torch.ones_like(s), e - (m == 0.5).to(e.dtype)), s)
 
 
 def round_e5m6(v: torch.Tensor) -> torch.Tensor:

@@ -198,9 +198,10 @@ def _dgrad(qdy, sdy, qw, sw, cfg: Fp8Config, out_dtype) -> torch.Tensor:
 
 
 def _wgrad(dy: torch.Tensor, x: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
-    """dW = Q(dy)ᵀ Q(x) in fp32, both operands tiled 128x1 (along the contracted tokens)."""
+    """dW = Q(dy)ᵀ Q(x) in fp32, both operands tiled 128x1 (along the contracted tokens). An input cached in
+    E5M6 (o_proj) is re-tiled with power-of-two scales, as the recipe has it."""
     qdy, sdy = quantize(dy, cfg.act_t, pow2_scale=cfg.pow2_scale)
-    qx, sx = quantize(x, cfg.act_t, pow2_scale=cfg.pow2_scale)
+    qx, sx = quantize(x, cfg.act_t, pow2_scale=cfg.pow2_scale or cfg.cache_format == "e5m6")
     if _use_kernels(dy):  # canonical layout: tokens last, so the 128x1 tiles become 1x128 tiles
         b_tile = TILE_1x128 if cfg.granularity == "block" else None
         return _qmm_nt(qdy.t().contiguous(), sdy.t(), qx.t().contiguous(), sx.t(), b_tile, torch.float32)
@@ -352,54 +353,95 @@ def _fq_expert_weight(w: torch.Tensor, cfg: Fp8Config, dtype, halves: bool = Fal
     return fake_quant(w, cfg.weight(w), pow2_scale=cfg.pow2_scale, dtype=dtype)
 
 
+def _experts_forward(xs, w13, w2, counts, cfg: Fp8Config, impl: str):
+    """The six-GEMM SwiGLU experts' forward: (out, FP8-cached (qx, sx, qh, sh), the impl chosen)."""
+    T = xs.shape[0]
+    I = w13.shape[-1] // 2
+    groups = _Groups(counts, T, impl)
+    dt = _operand_dtype(cfg, xs.dtype)
+    qx, sx = quantize(xs, cfg.act, pow2_scale=cfg.pow2_scale)
+    h = groups.mm(dequantize(qx, sx, cfg.act, dt), _fq_expert_weight(w13, cfg, dt, halves=True), xs.dtype)
+    qh, sh = quantize(h.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale)  # tiles stay inside gate/up
+    hf = h.float()
+    a = (F.silu(hf[:, :I]) * hf[:, I:]).to(xs.dtype)
+    a = fake_quant(a, cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt)
+    out = groups.mm(a, _fq_expert_weight(w2, cfg, dt), xs.dtype)
+    return out, (qx, sx, qh, sh), groups.impl
+
+
+def _experts_backward(ctx, dout, qx, sx, qh, sh, w13, w2, counts, need: tuple[bool, bool, bool]):
+    """(dx, dw13, dw2) of `_experts_forward` (None where `need` is False), the SwiGLU recomputed from qh."""
+    cfg, xdt = ctx.cfg, ctx.x_dtype
+    T, I = qh.shape[0], qh.shape[-1]
+    groups = _Groups(counts, T, ctx.impl)
+    dt = _operand_dtype(cfg, xdt)
+    dout = dout.contiguous()
+    h = dequantize(qh, sh, cfg.act).view(T, 2 * I)  # recompute the SwiGLU from its FP8 input
+    gate, up = h[:, :I], h[:, I:]
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    # down projection: Dgrad (dout 1x128) and Wgrad (a, dout 128x1 per expert)
+    da = groups.mm(
+        fake_quant(dout, cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt),
+        _fq_expert_weight(w2, cfg, dt).transpose(1, 2),
+        xdt,
+    ).float()
+    dw2 = groups.wgrad((silu * up).to(xdt), dout, cfg) if need[2] else None
+    dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * silu], dim=-1).to(xdt)
+    # up projection (gate and up fused): Dgrad (dh 1x128) and Wgrad (x, dh 128x1 per expert)
+    dx = None
+    if need[0]:
+        dh_q = fake_quant(dh.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt).view(T, 2 * I)
+        dx = groups.mm(dh_q, _fq_expert_weight(w13, cfg, dt, halves=True).transpose(1, 2), xdt)
+    dw13 = groups.wgrad(dequantize(qx, sx, cfg.act), dh, cfg) if need[1] else None
+    return dx, dw13, dw2
+
+
 class Fp8ExpertMLPFunction(torch.autograd.Function):
     """out = (silu(x W13[:, :I]) * (x W13[:, I:])) W2 per expert, over rows sorted by expert, with FP8
     operands in all six GEMMs. Saves x and the SwiGLU input h in FP8; the SwiGLU output is recomputed."""
 
     @staticmethod
     def forward(ctx, xs, w13, w2, counts, cfg: Fp8Config, impl: str):
-        T = xs.shape[0]
-        I = w13.shape[-1] // 2
-        groups = _Groups(counts, T, impl)
-        dt = _operand_dtype(cfg, xs.dtype)
-        qx, sx = quantize(xs, cfg.act, pow2_scale=cfg.pow2_scale)
-        h = groups.mm(dequantize(qx, sx, cfg.act, dt), _fq_expert_weight(w13, cfg, dt, halves=True), xs.dtype)
-        qh, sh = quantize(h.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale)  # tiles stay inside gate/up
-        hf = h.float()
-        a = (F.silu(hf[:, :I]) * hf[:, I:]).to(xs.dtype)
-        a = fake_quant(a, cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt)
-        out = groups.mm(a, _fq_expert_weight(w2, cfg, dt), xs.dtype)
-        ctx.save_for_backward(qx, sx, qh, sh, w13, w2, counts)
-        ctx.cfg, ctx.impl, ctx.x_dtype = cfg, groups.impl, xs.dtype
+        out, cached, ctx.impl = _experts_forward(xs, w13, w2, counts, cfg, impl)
+        ctx.save_for_backward(*cached, w13, w2, counts)  # w13, w2: the Parameters themselves
+        ctx.cfg, ctx.x_dtype = cfg, xs.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qx, sx, qh, sh, w13, w2, counts = ctx.saved_tensors
-        cfg, xdt = ctx.cfg, ctx.x_dtype
-        T, I = qh.shape[0], qh.shape[-1]
-        groups = _Groups(counts, T, ctx.impl)
-        dt = _operand_dtype(cfg, xdt)
-        dout = dout.contiguous()
-        h = dequantize(qh, sh, cfg.act).view(T, 2 * I)  # recompute the SwiGLU from its FP8 input
-        gate, up = h[:, :I], h[:, I:]
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        # down projection: Dgrad (dout 1x128) and Wgrad (a, dout 128x1 per expert)
-        da = groups.mm(
-            fake_quant(dout, cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt),
-            _fq_expert_weight(w2, cfg, dt).transpose(1, 2),
-            xdt,
-        ).float()
-        dw2 = groups.wgrad((silu * up).to(xdt), dout, cfg) if ctx.needs_input_grad[2] else None
-        dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * silu], dim=-1).to(xdt)
-        # up projection (gate and up fused): Dgrad (dh 1x128) and Wgrad (x, dh 128x1 per expert)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dh_q = fake_quant(dh.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt).view(T, 2 * I)
-            dx = groups.mm(dh_q, _fq_expert_weight(w13, cfg, dt, halves=True).transpose(1, 2), xdt)
-        dw13 = groups.wgrad(dequantize(qx, sx, cfg.act), dh, cfg) if ctx.needs_input_grad[1] else None
+        dx, dw13, dw2 = _experts_backward(ctx, dout, *ctx.saved_tensors, need=ctx.needs_input_grad[:3])
         return dx, dw13, dw2, None, None, None
+
+
+def _dense_operands(wg, wu, wd) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SwiGLU MLP's Linear weights as one expert: w13 [1, d, 2I] (a copy), w2 [1, I, d] (a view)."""
+    return torch.cat([wg, wu]).t().unsqueeze(0), wd.t().unsqueeze(0)
+
+
+class Fp8SwiGLUFunction(torch.autograd.Function):
+    """A dense SwiGLU MLP as one FP8 expert (E = 1), taking the three Linears' weights. The fused gate|up
+    operand is a concatenated copy, so it is rebuilt in backward rather than saved: saving it kept an fp32
+    [d, 2I] per layer and micro-batch (1 GB per dense layer at V3 size), more than the FP8 cache saves at
+    small token counts."""
+
+    @staticmethod
+    def forward(ctx, x2, wg, wu, wd, cfg: Fp8Config):
+        counts = torch.full((1,), x2.shape[0], dtype=torch.long, device=x2.device)
+        out, cached, ctx.impl = _experts_forward(x2, *_dense_operands(wg, wu, wd), counts, cfg, "auto")
+        ctx.save_for_backward(*cached, wg, wu, wd, counts)
+        ctx.cfg, ctx.x_dtype = cfg, x2.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qx, sx, qh, sh, wg, wu, wd, counts = ctx.saved_tensors
+        g = ctx.needs_input_grad
+        need = (g[0], g[1] or g[2], g[3])
+        dx, dw13, dw2 = _experts_backward(ctx, dout, qx, sx, qh, sh, *_dense_operands(wg, wu, wd), counts, need)
+        I = wg.shape[0]
+        dwg, dwu = (dw13[0, :, :I].t(), dw13[0, :, I:].t()) if dw13 is not None else (None, None)
+        return dx, dwg, dwu, (dw2[0].t() if dw2 is not None else None), None
 
 
 def fp8_expert_mlp(
@@ -456,10 +498,10 @@ class _Fp8SwiGLU:
         if torch.is_autocast_enabled(dev):  # what autocast would do for the Linears this replaces
             x = x.to(torch.get_autocast_dtype(dev))
         x2 = x.reshape(-1, x.shape[-1])
-        w13 = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().unsqueeze(0)  # [1, d, 2I]
-        w2 = m.down_proj.weight.t().unsqueeze(0)  # [1, I, d]
-        counts = torch.full((1,), x2.shape[0], dtype=torch.long, device=x.device)
-        return fp8_expert_mlp(x2, w13, w2, counts, m.gate_proj.fp8).view(*x.shape[:-1], w2.shape[-1])
+        wg, wu, wd = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+        if x2.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], wd.shape[0]) + 0 * (wg.sum() + wu.sum() + wd.sum())
+        return Fp8SwiGLUFunction.apply(x2, wg, wu, wd, m.gate_proj.fp8).view(*x.shape[:-1], wd.shape[0])
 
 
 def convert_to_fp8(
@@ -478,6 +520,14 @@ def convert_to_fp8(
     rule. o_proj caches its input in E5M6 (`o_proj_e5m6`), as in the recipe. With `swiglu`, a SwiGLU MLP whose
     three projections are all FP8 (dense layers, shared experts) runs as one fused FP8 expert (`_Fp8SwiGLU`).
     Calling again re-configures."""
+    from .errors import NanoseekError
+    from .model.attention import ABSORB_FP8
+
+    for fqn, m in model.named_modules():  # checked before anything is swapped
+        kv_b = getattr(m, "kv_b_proj", None)
+        absorbed = getattr(m, "impl", None) == "absorb" and isinstance(kv_b, nn.Linear)
+        if absorbed and (filter_fn(f"{fqn}.kv_b_proj" if fqn else "kv_b_proj", kv_b) if filter_fn else True):
+            raise NanoseekError(ABSORB_FP8)
     base = Fp8Config(granularity, pow2_scale)
     e5m6 = Fp8Config(granularity, pow2_scale, "e5m6" if o_proj_e5m6 else "e4m3")
     for parent_name, parent in list(model.named_modules()):

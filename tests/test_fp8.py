@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import NanoseekError, get_preset
 from nanoseek.fp8 import (
     E4M3_MAX,
     SavedTensorBytes,
@@ -79,7 +80,8 @@ def ref_linear(x, w, dy, tile_act=TILE_1x128, tile_w=TILE_128x128, tile_t=TILE_1
     y = xq @ wq.T
     dx = ref_fake_quant(dy, tile_act, pow2) @ wq
     x_cached = (xq if cache == "e4m3" else ref_fake_quant(x, tile_act, fmt="e5m6")).float()  # dequantised, fp32
-    dw = ref_fake_quant(dy, tile_t, pow2).T @ ref_fake_quant(x_cached, tile_t, pow2)
+    # the recipe re-tiles o_proj's E5M6 cache with power-of-two scales
+    dw = ref_fake_quant(dy, tile_t, pow2).T @ ref_fake_quant(x_cached, tile_t, pow2 or cache == "e5m6")
     return y, dx, dw
 
 
@@ -359,6 +361,43 @@ def test_fp8_experts_gradients_and_kernels():
     assert res["bmm"][2][1].abs().sum() == 0  # the expert that got no tokens gets a zero gradient
 
 
+def ref_experts_grads(xs, w13, w2, counts, dout):
+    """dx, dW13, dW2 of the recipe in float64, per expert: x, the cached h and dout quantised 1x128 (h within
+    gate and up), the weights 128x128 (gate and up separately), and each Wgrad's operands re-tiled 128x1 along
+    the expert's own tokens."""
+    I = w2.shape[1]
+    dxs, dw13, dw2 = [], torch.zeros(w13.shape, dtype=torch.float64), torch.zeros(w2.shape, dtype=torch.float64)
+    for e, (x_e, g_e) in enumerate(zip(xs.split(counts.tolist()), dout.split(counts.tolist()))):
+        if not len(x_e):
+            continue  # no tokens: zero dW, no dx rows
+        wq = torch.cat([ref_fake_quant(w13[e, :, :I], TILE_128x128), ref_fake_quant(w13[e, :, I:], TILE_128x128)], 1)
+        xq = ref_fake_quant(x_e, TILE_1x128)
+        h = (xq @ wq).float()
+        h = torch.cat([ref_fake_quant(h[:, :I], TILE_1x128), ref_fake_quant(h[:, I:], TILE_1x128)], 1)
+        gate, up = h[:, :I], h[:, I:]
+        sig = torch.sigmoid(gate)
+        da = ref_fake_quant(g_e, TILE_1x128) @ ref_fake_quant(w2[e], TILE_128x128).T
+        dw2[e] = ref_fake_quant((gate * sig * up).float(), TILE_128x1).T @ ref_fake_quant(g_e, TILE_128x1)
+        dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], 1).float()
+        dhq = torch.cat([ref_fake_quant(dh[:, :I], TILE_1x128), ref_fake_quant(dh[:, I:], TILE_1x128)], 1)
+        dxs.append(dhq @ wq.T)
+        dw13[e] = ref_fake_quant(xq.float(), TILE_128x1).T @ ref_fake_quant(dh, TILE_128x1)
+    return torch.cat(dxs), dw13, dw2
+
+
+def test_fp8_experts_gradients_equal_the_recipe_in_float64():
+    """All three gradients against an independent float64 reference of the recipe (tiling axes included: a
+    Wgrad tiled 1x128 instead of 128x1, or run without FP8, moves dW by ~3%)."""
+    xs, w13, w2, counts = expert_inputs()
+    dout = torch.randn(xs.shape[0], w2.shape[-1])
+    want = ref_experts_grads(xs, w13, w2, counts, dout)
+    for impl in ("bmm", "loop"):
+        leaves = [t.clone().requires_grad_() for t in (xs, w13, w2)]
+        fp8_expert_mlp(*leaves, counts, impl=impl).backward(dout)
+        for name, got, ref in zip(("dx", "dW13", "dW2"), (t.grad for t in leaves), want):
+            assert rel(got, ref) < 1e-4, (impl, name, rel(got, ref))  # measured 4e-7
+
+
 def test_fp8_experts_save_fp8_and_handle_empty():
     xs, w13, w2, counts = expert_inputs()
     xb = xs.bfloat16().requires_grad_()
@@ -595,6 +634,52 @@ def test_fused_fp8_swiglu_equals_three_fp8_linears(dtype):
         assert a.dtype == b.dtype and rel(a, b) < 0.08, name
     convert_to_fp8(fused, swiglu=False)  # re-configured without it: back to the three Linears
     assert "forward" not in fused.__dict__
+
+
+def test_fused_fp8_swiglu_saves_no_copy_of_the_weights():
+    """At a few tokens the FP8 cache is tiny; a saved fp32 copy of the fused gate|up weight (here 786 KB) would
+    dwarf it. Saved: x and the SwiGLU input in FP8 plus their scales."""
+    from nanoseek.model.layers import MLP
+
+    mlp = MLP(256, 384)
+    convert_to_fp8(mlp)
+    x = torch.randn(4, 256, requires_grad=True)
+    with SavedTensorBytes(exclude=mlp.parameters()) as m:
+        mlp(x).sum().backward()
+    assert m.by_dtype[torch.float8_e4m3fn] == 4 * (256 + 2 * 384) and m.bytes < 8 << 10
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in mlp.parameters())
+
+
+def test_fp8_refuses_the_absorbed_attention_path():
+    """Absorbed MLA multiplies by kv_b_proj's weight in the attention core: an FP8 kv_b_proj would be skipped."""
+    from nanoseek.model.transformer import Transformer
+
+    model = Transformer(get_preset("tiny").replace(num_hidden_layers=2, first_k_dense_replace=1, attn_impl="absorb"))
+    with pytest.raises(NanoseekError, match="FP8 Linears need attn_impl=naive"):
+        convert_to_fp8(model)
+    assert not any(isinstance(m, Fp8Linear) for m in model.modules())  # refused before anything was swapped
+    model.set_attn_impl("naive")
+    convert_to_fp8(model)
+    with pytest.raises(NanoseekError, match="FP8 Linears need attn_impl=naive"):
+        model.set_attn_impl("absorb")
+    assert model.cfg.attn_impl == "naive"
+
+
+def test_non_finite_values_stay_non_finite():
+    """A NaN/inf must reach the loss (the trainer skips such steps); with power-of-two scales frexp turned them
+    into a scale of 1 and finite numbers (NaN -> 480, inf -> 448)."""
+    from nanoseek.parallel.ep import fp8_pack, fp8_unpack
+
+    s = pow2_ceil(torch.tensor([float("nan"), float("inf"), 3.0]))
+    assert s[0].isnan() and s[1].isinf() and s[2] == 4.0
+    x = torch.randn(2, 256)
+    x[0, 3], x[1, 200] = float("nan"), float("inf")
+    bad = torch.zeros(2, 256, dtype=torch.bool)
+    bad[0, :128] = bad[1, 128:] = True  # the two tiles holding them
+    for y in (*(fake_quant(x, TILE_1x128, pow2_scale=p) for p in (False, True)), fp8_unpack(fp8_pack(x), 256, F32)):
+        assert not y[bad].isfinite().any() and y[~bad].isfinite().all()
+    lin = Fp8Linear.from_linear(nn.Linear(256, 64, bias=False), Fp8Config(pow2_scale=True))
+    assert not lin(x).isfinite().all()
 
 
 def test_fp8_model_saves_at_least_30_percent_less_activation_memory():

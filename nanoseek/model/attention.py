@@ -30,6 +30,11 @@ from .cache import LayerCache
 from .layers import Linear, RMSNorm
 from .rope import apply_rope, softmax_scale
 
+ABSORB_FP8 = (
+    "FP8 Linears need attn_impl=naive: the absorbed MLA path multiplies by kv_b_proj's weight inside the "
+    "attention core, so kv_b_proj would silently run in high precision"
+)
+
 
 def _sdpa(q, k, v, mask, causal: bool, scale: float, gqa: bool = False) -> torch.Tensor:
     dv = v.shape[-1]

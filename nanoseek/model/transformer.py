@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import NanoseekError
-from .attention import MLA, build_attention
+from .attention import ABSORB_FP8, MLA, build_attention
 from .cache import LayerCache
 from .layers import MLP, Linear, RMSNorm, cross_entropy
 from .moe import Experts, Gate, MoE
@@ -132,6 +132,9 @@ class Transformer(nn.Module):
         """Switch every MLA layer between "naive" and "absorb" (same outputs; different cache layout)."""
         if impl not in ("naive", "absorb"):
             raise NanoseekError(f"attn_impl must be naive|absorb, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, MLA) and impl == "absorb" and getattr(m.kv_b_proj, "fp8", None) is not None:
+                raise NanoseekError(ABSORB_FP8)
         self.cfg.attn_impl = impl
         for m in self.modules():
             if isinstance(m, MLA):

@@ -92,12 +92,14 @@ class _Arrive(torch.autograd.Function):
 
 
 def fp8_pack(x: torch.Tensor) -> torch.Tensor:
-    """x [P, d] -> uint8 [P, d + ceil(d/128)]: E4M3 codes, then one int8 power-of-two exponent per tile."""
+    """x [P, d] -> uint8 [P, d + ceil(d/128)]: E4M3 codes, then one int8 power-of-two exponent per tile
+    (-128 marks a tile with NaN or inf, which unpacks as NaN rather than as finite numbers)."""
     from ..fp8 import TILE_1x128, quantize
 
     q, scale = quantize(x.detach(), TILE_1x128, pow2_scale=True)  # scale [P, tiles], exact powers of two
     _, e = torch.frexp(scale)  # scale = 0.5 * 2**e
-    return torch.cat([q.view(torch.uint8), (e - 1).to(torch.int8).view(torch.uint8)], dim=1)
+    e = torch.where(scale.isfinite(), e - 1, -128)
+    return torch.cat([q.view(torch.uint8), e.to(torch.int8).view(torch.uint8)], dim=1)
 
 
 def fp8_unpack(packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -106,7 +108,7 @@ def fp8_unpack(packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor
     q = packed[:, :d].contiguous().view(torch.float8_e4m3fn)
     e = packed[:, d:].contiguous().view(torch.int8).to(torch.int32)
     scale = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e)
-    return dequantize(q, scale, TILE_1x128, dtype)
+    return dequantize(q, scale.masked_fill_(e == -128, float("nan")), TILE_1x128, dtype)
 
 
 def _wait(pending: list, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
