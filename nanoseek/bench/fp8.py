@@ -53,6 +53,11 @@ def activation_bytes(settings: dict, granularity: str | None, batch: torch.Tenso
 
         convert_to_fp8(model, granularity=granularity)
     x, y = batch[:, :-1], batch[:, 1:]
+    # one step first, outside the measurement: one-off work on a process's first call (the MoE kernel autotune
+    # runs its own forwards and backwards) would otherwise count as this arm's activations
+    with torch.autocast("cpu", torch.bfloat16):
+        lm_losses(model, x, y, False)[0].backward()
+    model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", torch.bfloat16), SavedTensorBytes(exclude=model.parameters()) as m:
         loss, _ = lm_losses(model, x, y, False)
     del loss
