@@ -11,7 +11,7 @@ import pytest
 
 from nanoseek import NanoseekError
 from nanoseek.bench import BENCHES, run
-from nanoseek.bench.common import BenchOptions
+from nanoseek.bench.common import BenchOptions, code_version
 
 TRAINING_BENCHES = ("balance", "mtp", "train", "attention", "moe", "fp8")
 
@@ -93,6 +93,44 @@ def test_mtp_quick(suite):
     assert 0 <= r["acceptance_rate"] <= 1 and 0 <= r["acceptance_rate_teacher_forced"] <= 1
     assert 1 <= r["tokens_per_forward"] <= 2
     assert r["same_tokens_fraction"] == 1.0  # speculative decoding is lossless under greedy
+    assert finite(r["speculative_speedup_decode_only"])  # beside the wall-time one, which includes the prefill
+
+
+def test_mtp_bench_pools_acceptance_over_drafts_as_the_decode_bench(monkeypatch):
+    """Two prompts, one with 1 speculative step (accepted), one with 3 (none accepted): pooled 1/4, not the
+    per-prompt mean 1/2."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import nanoseek.bench.mtp as mtp
+
+    def gen(rate=None, steps=0):
+        return SimpleNamespace(
+            tokens=[[1, 2, 3]],
+            new_tokens=3,
+            prefill_s=0.5,
+            decode_s=1.0,
+            extra={"speculative_steps": steps} if steps else {},
+            acceptance_rate=rate,
+            acceptance_per_position=[rate],
+            tokens_per_forward=None if rate is None else 1 + rate,
+        )
+
+    # two warm-up calls, then plain and speculative per prompt
+    queue = [gen(), gen(0.5, 1), gen(), gen(1.0, 1), gen(), gen(0.0, 3)]
+
+    class FakeEngine:
+        def __init__(self, *a, **k):
+            pass
+
+        def generate(self, *a, **k):
+            return queue.pop(0)
+
+    monkeypatch.setattr(mtp, "Engine", FakeEngine)
+    r = mtp.engine_decode_bench(torch.nn.Linear(1, 1), [torch.tensor([[5, 6]]), torch.tensor([[7, 8]])], 3)
+    assert r["acceptance_rate"] == 0.25 and r["tokens_per_forward"] == 1.25 and not queue
+    assert r["speedup"] == 1.0 and r["same_tokens_fraction"] == 1.0
 
 
 def test_train_quick(suite):
@@ -101,6 +139,7 @@ def test_train_quick(suite):
     for x in r["results"]:
         for k in ("ours_tok_s", "transformers_tok_s", "speedup", "gemm_peak_fraction"):
             assert finite(x[k]) and x[k] > 0, k
+        assert abs(x["ours_tok_s_in_pair"] / x["transformers_tok_s"] / x["speedup"] - 1) < 1e-6  # one pair's ratio
         assert x["preset"] == "tiny" and x["gemm_peak_fraction"] < 1.5
     # the like-for-like check: same weights, config and batch give the same fp32 loss in both libraries
     first = r["results"][0]["first_step_loss"]
@@ -209,6 +248,9 @@ def test_report_collects_saved_results(suite, monkeypatch):
     assert "576" in text and "0.72" in text  # ours beside the papers' figures
     assert (root / "report" / "summary.png").exists()
     assert len(r["sections"]) == 5 and r["goals"]
+    # results saved by other code (here: the stand-ins, which record none) are named, with their commit
+    assert r["benches"]["kv"]["code"] == code_version() and r["older_code"] == ["comm", "decode"]
+    assert "Collected results of other code than this checkout" in text and "comm, decode" in text
 
 
 def test_cli_prints_one_json_object_last(tmp_path, capsys):

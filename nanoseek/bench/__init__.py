@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..cli import set_threads
 from ..errors import NanoseekError
-from .common import BenchOptions, Report, dumps, log, machine_info, save_json
+from .common import BenchOptions, Report, code_version, dumps, log, machine_info, save_json
 
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
@@ -80,6 +80,7 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     result = {
         "bench": name,
         "quick": opts.quick,
+        "code": code_version(),
         **result,
         "seconds": round(seconds, 1),
         "machine": {**machine, "loadavg_end": machine_info()["loadavg"]},

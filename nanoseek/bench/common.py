@@ -106,6 +106,21 @@ def load_average() -> list[float]:
         return []
 
 
+def code_version() -> str:
+    """The git commit of the nanoseek checkout that runs (+"-dirty" with uncommitted changes), else the package
+    version: saved with every result, so that `bench report` can tell results of older code from current ones."""
+    from .. import __version__
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        run = dict(cwd=repo, capture_output=True, text=True, timeout=10, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{head}-dirty" if dirty else head
+
+
 def machine_info() -> dict:
     return {
         "cpu": cpu_model(),

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import NanoseekError
-from .common import BenchOptions, Report, fmt, log, table
+from .common import BenchOptions, Report, code_version, fmt, log, table
 
 TITLE = "DeepSeek-V3 design choices at small scale: quality and cost against the conventional alternative"
 ORDER = ["kv", "balance", "mtp", "train", "attention", "moe", "decode", "fp8", "comm"]
@@ -390,12 +390,22 @@ def summary_figure(r: dict[str, dict], path: Path) -> Path | None:
 def run(opts: BenchOptions, report: Report) -> dict:
     results, missing = collect(opts)
     quick = sorted(k for k, v in results.items() if v.get("quick"))
+    now = code_version()
+    # saved results of other code (or of unknown code: saved before results recorded it) are listed, not hidden
+    older = sorted(k for k, v in results.items() if v.get("code") != now)
+    root = Path(opts.out).parent
     report.text(
         "Each row compares DeepSeek's choice with the conventional alternative, measured by the benches of "
         "`nanoseek bench` on this machine (2 CPU cores; see each bench's own report for settings, seeds and "
         "load average). Small-scale reproductions: effects that need billions of parameters or tokens are "
         "not expected to show; the cost effects are exact or directly measured."
         + (f"\n\n**Smoke-run results (--quick, not measurements): {', '.join(quick)}.**" if quick else "")
+        + (
+            f"\n\n**Collected results of other code than this checkout ({now}): {', '.join(older)}** (their "
+            "commit and date are in the Benches table; rerun a bench, or delete its result.json, to refresh it)."
+            if older
+            else ""
+        )
     )
     for title, rows, note in sections(results):
         report.text(f"## {title}\n\n{note}")
@@ -412,14 +422,16 @@ def run(opts: BenchOptions, report: Report) -> dict:
         [
             n,
             "quick" if results[n].get("quick") else "full",
+            results[n].get("code", "unknown"),
+            str(_get(results[n], "machine", "date", default="–"))[:16],
             results[n].get("seconds"),
             os.path.relpath(results[n].get("report", ""), opts.out) if results[n].get("report") else "–",
         ]
         if n in results
-        else [n, "unavailable", None, missing.get(n, "")]
+        else [n, "unavailable", "–", "–", None, missing.get(n, "")]
         for n in ORDER
     ]
-    report.text("## Benches\n\n" + table(["bench", "run", "seconds", "report / reason"], status))
+    report.text("## Benches\n\n" + table(["bench", "run", "code", "date", "seconds", "report / reason"], status))
     goals = [{"bench": n, **g} for n in ORDER for g in results.get(n, {}).get("goals", [])]
     if goals:
         report.text(
@@ -440,9 +452,10 @@ def run(opts: BenchOptions, report: Report) -> dict:
         )
     return {
         "benches": {
-            n: {"quick": v.get("quick"), "result": str(Path(opts.out).parent / n / "result.json")}
+            n: {"quick": v.get("quick"), "code": v.get("code"), "result": str(root / n / "result.json")}
             for n, v in results.items()
         },
+        "older_code": older,
         "missing": missing,
         "goals": goals,
         "sections": [{"title": t, "rows": rows} for t, rows, _ in sections(results)],
