@@ -4,6 +4,7 @@ decoding (greedy equality, cache consistency after rejections, distribution pres
 Run: python -m pytest -q tests/test_engine.py   (random micro models; a few seconds plus one subprocess)
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -139,6 +140,18 @@ def test_sampling_filters():
         SamplingParams(top_p=0.0)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampled_tokens_follow_the_tempered_softmax(temperature):
+    """sample() applies the temperature once: 40k draws against softmax(logits / T) (total variation)."""
+    from nanoseek.sampling import sample
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    ids = sample(logits.expand(40000, 4), SamplingParams(temperature=temperature), g)
+    freq = torch.bincount(ids, minlength=4) / ids.numel()
+    assert (freq - (logits / temperature).softmax(-1)).abs().sum() / 2 < 0.01
+
+
 def test_temperature_must_be_finite_and_tiny_ones_are_safe():
     for t in (float("nan"), float("inf"), -1.0):
         with pytest.raises(NanoseekError, match="temperature must be a finite number >= 0"):
@@ -239,6 +252,13 @@ def test_speculative_greedy_equals_plain_greedy_on_a_trained_model():
         spec = e.generate(p, max_new_tokens=30, speculative=k)
         assert spec.tokens == plain.tokens
         assert spec.acceptance_rate > 0.9 and spec.tokens_per_forward > k  # drafts were accepted
+        # every position, the chained one (k = 3 > D = 2) included: a draft written to the wrong cache slot
+        # would still give the right tokens, only fewer accepted
+        assert min(spec.acceptance_per_position) > 0.9, spec.acceptance_per_position
+        # the one-call greedy step and the general rejection loop (a tiny temperature) make the same drafts
+        loop = e.generate(p, max_new_tokens=30, speculative=k, sampling=SamplingParams(1e-45, seed=0))
+        assert loop.tokens == plain.tokens and loop.main_forwards == spec.main_forwards
+        assert loop.acceptance_per_position == spec.acceptance_per_position
 
 
 @pytest.mark.parametrize(("mtp_layers", "k"), [(2, 2), (2, 3), (1, 1)])
@@ -261,6 +281,40 @@ def test_mtp_caches_stay_consistent_after_rejections(mtp_layers, k):
             for name, buf in caches[L + j].store.items():
                 assert (buf[:, :checked] - ref.store[name][:, :checked]).abs().max() < 1e-5
     assert res.acceptance_rate < 0.5  # rejections did happen
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_one_call_greedy_path_drafts_exactly_like_the_general_loop(k):
+    """V3's single MTP module chained for k > 1: the one-call greedy path and the general loop (a tiny
+    temperature) must verify the same drafts at the same slots, step by step. Mostly rejected on a random
+    model, so each next chain starts from a mid-step slot (a draft from the wrong slot keeps the output
+    tokens right, only the drafts change)."""
+    e = engine(num_nextn_predict_layers=1)
+    seen = {}
+    for name, sampling in (("one-call", None), ("loop", SamplingParams(1e-45, seed=0))):
+        calls = []
+
+        def record(real, calls=calls):
+            def wrapped(tokens, start, *a):
+                calls.append((start, tokens[0, 1:].tolist()))
+                return real(tokens, start, *a)
+
+            return wrapped
+
+        with patch.object(e, "verify", record(e.verify)), patch.object(e, "greedy_step", record(e.greedy_step)):
+            r = e.generate(prompt(9), max_new_tokens=40, speculative=k, sampling=sampling)
+        seen[name] = calls, r.tokens
+    assert len(seen["loop"][0]) > 10 and seen["one-call"] == seen["loop"]
+
+
+def test_acceptance_per_position_never_increases():
+    """Draft j + 1 counts as accepted only after draft j was. Sampling at T = 1 on a random model accepts
+    part of the drafts (measured [0.6, 0.52, 0.24] at k = 3)."""
+    e = engine(num_nextn_predict_layers=2)
+    for k in (2, 3):
+        pos = e.generate(prompt(9), max_new_tokens=60, speculative=k, sampling=SamplingParams(1.0, seed=0))
+        pos = pos.acceptance_per_position
+        assert 0 < pos[-1] < pos[0] < 1 and all(a >= b for a, b in itertools.pairwise(pos)), pos
 
 
 def copycat(k_layers=1):

@@ -54,10 +54,18 @@ YARN = {
     "mscale": 1.0,
     "mscale_all_dim": 1.0,
 }
+YARN_MSCALE = {  # a ramp over several dims (rope dim 16, original length 64) and mscale != mscale_all_dim
+    **YARN,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "mscale": 0.707,
+    "mscale_all_dim": 1.0,
+}
 CASES = {
     "group_limited_with_bias": {},
     "no_q_lora": dict(q_lora_rank=None),
     "yarn": dict(rope_parameters=YARN, max_position_embeddings=256),
+    "yarn_mscale": dict(rope_parameters=YARN_MSCALE, qk_rope_head_dim=16, max_position_embeddings=256),
     "two_dense_layers": dict(first_k_dense_replace=2, num_hidden_layers=4),
     "half_split_rope": dict(rope_interleave=False, n_group=2, topk_group=1),
     "top1_normalised": dict(num_experts_per_tok=1, n_group=1, topk_group=1),  # V3 normalises even one weight
@@ -93,6 +101,16 @@ def test_logit_parity_with_transformers(case, tmp_path, capfd):
     assert err.count("warning:") == 2 and "holds no MTP weights" in err
     with pytest.raises(NanoseekError, match="holds no MTP weights"):
         ours.require_mtp()
+
+
+def test_bf16_load_keeps_the_routing_bias_fp32_and_exact(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    want = [b for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias")]
+    got = [m.gate.e_score_correction_bias for m in ours.moe_layers()]
+    assert len(got) == len(want) == 2 and ours.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 and torch.equal(g, w.float()) for g, w in zip(got, want))
 
 
 def _ours(**kw):

@@ -184,6 +184,50 @@ def test_gate_bias_changes_selection_not_weights():
     assert torch.allclose(w1, expect, atol=1e-6)
 
 
+def test_gate_scores_are_fp32_in_a_bf16_model():
+    """The gate computes in fp32 whatever the model's dtype (a bf16 GEMM would flip near-tied selections)."""
+    cfg = tiny(n_group=1, topk_group=1)
+    g = Gate(cfg).to(torch.bfloat16)
+    torch.nn.init.normal_(g.weight, 0, 0.5)
+    x = torch.randn(64, cfg.hidden_size, dtype=torch.bfloat16)
+    _, _, scores = g(x)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, torch.sigmoid(torch.nn.functional.linear(x.float(), g.weight.float())))
+
+
+def test_yarn_frequencies_and_amplitude_equal_transformers():
+    """Every inverse frequency (the ramp between the low and high bounds included) and the cos/sin amplitude,
+    for V3's YaRN and for one with mscale != mscale_all_dim."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from nanoseek.model.rope import inv_frequencies
+
+    for kw in (
+        {},
+        dict(qk_rope_head_dim=16, rope_factor=4.0, original_max_position_embeddings=64, mscale=0.707),
+    ):
+        cfg = get_preset("v3", **kw)
+        hf = transformers.DeepseekV3Config(
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": cfg.rope_theta,
+                "factor": cfg.rope_factor,
+                "original_max_position_embeddings": cfg.original_max_position_embeddings,
+                "beta_fast": cfg.beta_fast,
+                "beta_slow": cfg.beta_slow,
+                "mscale": cfg.mscale,
+                "mscale_all_dim": cfg.mscale_all_dim,
+            },
+        )
+        want, want_amp = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+        inv, amp = inv_frequencies(cfg, cfg.qk_rope_head_dim)
+        assert torch.allclose(inv, want.float(), rtol=1e-6) and amp == pytest.approx(want_amp, rel=1e-6), kw
+    assert want_amp != 1.0  # the second case exercises the amplitude
+
+
 def test_group_limited_routing_stays_in_top_groups():
     cfg = tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     g = Gate(cfg)

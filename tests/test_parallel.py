@@ -214,7 +214,7 @@ def test_traffic_accounting_and_node_limit_on_ranks():
 
 @pytest.mark.parametrize(
     "n_group,topk_group,max_nodes,changed",
-    [(8, 4, 2, True), (8, 2, 2, False), (4, 4, 1, True), (2, 1, 3, False)],
+    [(8, 4, 2, True), (8, 2, 2, False), (4, 4, 1, True), (2, 1, 3, False), (2, 1, 2, False)],
 )
 def test_node_limited_gate(n_group, topk_group, max_nodes, changed):
     """32 experts on 8 simulated EP ranks of 2 per node (4 nodes): every token's experts span <= M nodes."""

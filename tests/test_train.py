@@ -44,7 +44,7 @@ def step_records(run: Path) -> list[dict]:
     return [r for r in recs if "loss" in r]
 
 
-STABLE = ("step", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "maxvio_batch", "expert_load")
+STABLE = ("step", "loss", "mtp_loss", "aux_loss", "lr", "grad_norm", "maxvio_batch", "expert_load", "tokens")
 
 
 def test_golden_losses_of_tiny(tmp_path, corpus_dir):
@@ -205,6 +205,42 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, corpus_dir, monkeypatch):
     t.train_step()
     with pytest.raises(NanoseekError, match="NaN/inf for 3 consecutive steps"):
         t.train_step()
+
+
+def test_a_skipped_step_leaves_no_expert_counts_behind(tmp_path, corpus_dir, monkeypatch):
+    """The loads a NaN step routed are dropped with it: the next good step's loss-free update (and its logged
+    loads) see that step's tokens only."""
+    import nanoseek.train as tr
+
+    calls = {"n": 0}
+    real = tr.lm_losses
+
+    def second_is_nan(model, x, y, use_mtp):
+        calls["n"] += 1
+        loss, mtp = real(model, x, y, use_mtp)
+        return (loss * float("nan"), mtp) if calls["n"] == 2 else (loss, mtp)
+
+    monkeypatch.setattr(tr, "lm_losses", second_is_nan)
+    t = Trainer(tc(tmp_path, corpus_dir))
+    cfg = t.core.cfg
+    per_step = 2 * 32 * cfg.num_experts_per_tok  # batch x seq_len tokens, K copies each
+    for skipped in (False, True, False):
+        assert bool(t.train_step().get("skipped")) == skipped
+    assert [int(c.sum()) for c in t.balancer.last_main] == [per_step] * len(t.balancer.last_main)
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    from nanoseek.train import lr_lambda
+
+    f = lr_lambda(TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1) and f(150) == pytest.approx(0.1)
+    assert f(32.5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the cosine
+
+
+def test_mtp_weight_drops_at_the_given_step(tmp_path, corpus_dir):
+    train(tc(tmp_path, corpus_dir, steps=4, mtp_weight=0.3, mtp_weight_late=0.1, mtp_weight_drop_step=2))
+    assert [r["mtp_weight"] for r in step_records(tmp_path / "run")] == [0.3, 0.3, 0.1, 0.1]
 
 
 def test_loss_free_bias_lowers_an_overloaded_expert_and_maxvio_falls():
