@@ -307,6 +307,59 @@ def test_one_call_greedy_path_drafts_exactly_like_the_general_loop(k):
     assert len(seen["loop"][0]) > 10 and seen["one-call"] == seen["loop"]
 
 
+@pytest.mark.parametrize("greedy_path", [True, False])
+def test_chained_drafts_equal_an_uncached_chain(greedy_path):
+    """k = 3 with one MTP module: drafts 2 and 3 chain the module on its own output at the next positions.
+    Every step's draft logits must equal that chain computed without any cache over the committed text (a
+    draft computed at another cache slot or position keeps the output tokens right; only the drafts change)."""
+    e = engine(num_nextn_predict_layers=1)
+    m, k = e.model, 3
+
+    def uncached_chain(seq: list[int]) -> list[torch.Tensor]:  # seq = t_0 .. t_N, t_N committed, not yet fed
+        x = torch.tensor([seq])
+        hid, toks, out = m.hidden(x[:, :-1]), x[:, 1:], []
+        for _ in range(k):
+            g = m.mtp_step(0, hid, toks)  # position i reads (input hidden i, token i + 1)
+            out.append(m.mtp_logits_from_hidden(0, g[:, -1])[0])
+            d = torch.tensor([[int(out[-1].argmax())]])
+            hid, toks = torch.cat([hid, g[:, -1:]], 1), torch.cat([toks, d], 1)
+        return out
+
+    steps, drafted = [], []  # per verify call: (slot, [t_N, drafts...]); the draft calls' logits before it
+
+    def record_verify(real):
+        def wrapped(tokens, start, *a):
+            steps.append((start, tokens[0].tolist(), drafted[:]))
+            drafted.clear()
+            return real(tokens, start, *a)
+
+        return wrapped
+
+    def record_draft(j, x, toks, start, cache):
+        x, logits = real_draft(j, x, toks, start, cache)
+        drafted.append(logits.reshape(-1, logits.shape[-1])[-1].clone())
+        return x, logits
+
+    real_draft = e.draft
+    p = prompt(9)
+    sampling = None if greedy_path else SamplingParams(1e-45, seed=0)
+    with (
+        patch.object(e, "verify", record_verify(e.verify)),
+        patch.object(e, "greedy_step", record_verify(e.greedy_step)),
+        patch.object(e, "draft", record_draft),
+    ):
+        out = e.generate(p, max_new_tokens=30, speculative=k, sampling=sampling).tokens[0]
+    seq = p + out
+    with torch.inference_mode():
+        for start, (pending, *drafts), logits in steps:
+            want = uncached_chain(seq[: start + 1])
+            assert seq[start] == pending and drafts == [int(w.argmax()) for w in want], start
+            # the one-call path gets draft 1 from its verify call; the chained drafts come from `draft`
+            for got, ref in zip(logits, want[k - len(logits) :], strict=True):
+                assert (got - ref).abs().max() < 1e-4, start
+    assert len(steps) > 5
+
+
 def test_acceptance_per_position_never_increases():
     """Draft j + 1 counts as accepted only after draft j was. Sampling at T = 1 on a random model accepts
     part of the drafts (measured [0.6, 0.52, 0.24] at k = 3)."""
