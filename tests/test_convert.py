@@ -162,3 +162,80 @@ def test_convert_replaces_the_destination_atomically_and_reports_errors(run_dir,
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "y"), "--to", "hf"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def stored_dtypes(path) -> dict[str, str]:
+    """The dtype each tensor is stored in, as safetensors names it (BF16, F32, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as h:
+        return {k: h.get_slice(k).get_dtype() for k in h.keys()}  # noqa: SIM118
+
+
+def test_load_model_in_bf16_keeps_the_routing_bias_fp32(run_dir):
+    """Loading in bf16 casts the weights, never the routing bias: bf16 would round the bias (whose updates are
+    ±1e-3 steps) and change which experts are picked."""
+    run, m = run_dir
+    m2, _ = load_model(run, dtype=torch.bfloat16)
+    bias, want = m2.layers["1"].mlp.gate.e_score_correction_bias, m.layers["1"].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, want) and want.abs().min() > 0
+    assert not torch.equal(bias.bfloat16().float(), want)  # so a bf16 round trip would show
+    q = m2.layers["0"].self_attn.q_a_proj.weight
+    assert q.dtype == torch.bfloat16 and torch.equal(q, m.layers["0"].self_attn.q_a_proj.weight.bfloat16())
+
+
+def test_bf16_conversions_store_bf16_weights_and_an_fp32_routing_bias(run_dir, tmp_path):
+    """`--dtype bf16` is the storage dtype (half the file), both ways: the linear weights are stored BF16, the
+    routing bias F32, and an HF export's config says bfloat16."""
+    run, m = run_dir
+    bias = m.layers["1"].mlp.gate.e_score_correction_bias
+    for to, prefix in (("native", ""), ("hf", "model.")):
+        out = tmp_path / to
+        assert main(["convert", str(run), str(out), "--to", to, "--dtype", "bf16"]) == 0
+        dtypes = stored_dtypes(out / "model.safetensors")
+        assert dtypes[f"{prefix}layers.0.self_attn.q_a_proj.weight"] == "BF16"
+        assert dtypes[f"{prefix}embed_tokens.weight"] == "BF16"
+        assert dtypes[f"{prefix}layers.1.mlp.gate.e_score_correction_bias"] == "F32"
+        assert {d for k, d in dtypes.items() if not k.endswith("e_score_correction_bias")} == {"BF16"}
+        m2, _ = load_model(out, dtype=torch.float32)
+        assert torch.equal(m2.layers["1"].mlp.gate.e_score_correction_bias, bias)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_convert_refuses_a_destination_holding_only_a_config(run_dir, tmp_path):
+    """A directory with a config.json and no weights is not a model directory: replacing it would lose the
+    config (perhaps the only copy of a hand-written one), so it is refused and left as it was."""
+    run, _ = run_dir
+    dst = tmp_path / "cfg_only"
+    dst.mkdir()
+    (dst / "config.json").write_text('{"hand": "written"}')
+    with pytest.raises(
+        NanoseekError, match=r"exists and is not a model directory: replacing it would delete config\.json;"
+    ):
+        convert(run, dst, to="hf")
+    assert [p.name for p in dst.iterdir()] == ["config.json"]
+    assert (dst / "config.json").read_text() == '{"hand": "written"}'
+
+
+def test_save_pretrained_over_a_sharded_export_leaves_no_stale_shards(tmp_path):
+    """Re-exporting unsharded into a directory that holds a sharded export drops the old shards and index (an
+    index left behind would point loaders at the old weights), while other files (a tokenizer) carry over."""
+    from nanoseek.hf import save_pretrained
+
+    torch.manual_seed(1)
+    old = Transformer(micro())
+    torch.manual_seed(2)
+    m = Transformer(micro())
+    randomize_bias(m, 0.01)
+    d = tmp_path / "hf"
+    save_pretrained(old, d, max_shard_bytes=200_000, dtype=torch.float32)
+    shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (d / "model.safetensors.index.json").is_file()
+    (d / "tokenizer.json").write_text("{}")
+    save_pretrained(m, d, dtype=torch.float32)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not (d / "model.safetensors.index.json").exists()
+    (d / "tokenizer.json").unlink()  # a placeholder, not a tokenizer load_model could read
+    m2, _ = load_model(d, dtype=torch.float32, attn_impl="naive")
+    a, b = m.state_dict(), m2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -88,6 +88,7 @@ def test_trained_vocab_exact_and_too_small(tok):
 
 
 def test_save_and_from_file(tok, tmp_path):
+    assert tok.hf_config()["bos_token"] is None  # ours has no BOS: naming one would point at a missing token
     path = tmp_path / "tokenizer.json"
     tok.save(path)
     back = Tokenizer.from_file(path)
@@ -114,6 +115,18 @@ def test_from_file_finds_foreign_eos(tmp_path):
     assert Tokenizer.from_file(cfg).eos_id == 1  # "</s>" from the candidate list
     (cfg.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|im_end|>"}}))
     assert Tokenizer.from_file(cfg).eos_id == 2  # the config wins
+    assert Tokenizer.from_file(cfg).hf_config()["bos_token"] == "<s>"  # the vocabulary has a BOS: name it
+    # Candidates are tried in order, not by id: "<|endoftext|>" beats an earlier "</s>".
+    both = save(["</s>", "<|endoftext|>"], tmp_path / "both")
+    loaded = Tokenizer.from_file(both)
+    assert (loaded.eos_token, loaded.eos_id) == ("<|endoftext|>", 1)
+    # A config EOS that the vocabulary lacks falls back to the candidates (not a hard error).
+    (both.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    loaded = Tokenizer.from_file(both)
+    assert (loaded.eos_token, loaded.eos_id) == ("<|endoftext|>", 1)
+    # Same ids but another EOS ends documents differently: not the same tokenizer.
+    assert loaded.same_as(Tokenizer(loaded._tok, "<|endoftext|>"))
+    assert not loaded.same_as(Tokenizer(loaded._tok, "</s>"))
     none = save(["<pad>"], tmp_path / "none")
     with pytest.raises(NanoseekError, match=r"none/tokenizer\.json: no end-of-sequence token"):
         Tokenizer.from_file(none)
@@ -140,6 +153,16 @@ def test_get_tokenizer_caches(tmp_path, monkeypatch):
     # A different vocab size or a changed training file is a different tokenizer: it must train.
     with pytest.raises(AssertionError, match="retrained"):
         get_tokenizer(corpus, 301)
+    # Same size, other content: only the mtime tells (set explicitly: a fast rewrite may keep the old one).
+    path = tmp_path / "c" / corpus.train[-1].rel
+    st = path.stat()
+    path.write_bytes(path.read_bytes().upper())
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    edited = corpus_from_spec(str(tmp_path / "c"))
+    assert [(s.rel, s.start, s.end) for s in edited.train] == [(s.rel, s.start, s.end) for s in corpus.train]
+    assert edited.fingerprint() != corpus.fingerprint()
+    with pytest.raises(AssertionError, match="retrained"):
+        get_tokenizer(edited, 300)
     (tmp_path / "c" / corpus.train[0].rel).write_text("changed\n" * 50)
     with pytest.raises(AssertionError, match="retrained"):
         get_tokenizer(corpus_from_spec(str(tmp_path / "c")), 300)
@@ -194,12 +217,14 @@ def test_two_files_and_single_file_splits(tmp_path):
     big.mkdir()
     (big / "data.txt").write_text(_text(0, 20000))
     (big / "notes.md").write_text("tiny\n")
-    (big / "x.md").write_text("small\n")  # too small to cut: stays whole in training
+    (big / "x.md").write_text("x")  # one byte, too small to cut: stays whole in training, not dropped
     c = corpus_from_spec(str(big))
     val_bytes = sum(s.end - s.start for s in c.val)
     train_bytes = sum(s.end - s.start for s in c.train)
     assert 0.01 < val_bytes / (val_bytes + train_bytes) < 0.16, (c.train, c.val)
     assert {s.rel for s in c.train} == {"data.txt", "notes.md", "x.md"}
+    assert {s.rel for s in c.val} == {"data.txt", "notes.md"}  # split inside files ("tiny\n" still cuts)
+    assert next((s.start, s.end) for s in c.train if s.rel == "x.md") == (0, 1)
     text = _text(3, 500)
     (tmp_path / "one.txt").write_text(text)
     one = corpus_from_spec(str(tmp_path / "one.txt"))
@@ -374,6 +399,7 @@ def test_resume_is_bit_identical(tok, tmp_path, group_bytes):
         assert len(json.dumps(state)) < 400
         resumed = TokenStream(corpus, tok, seq_len=47, seed=0)
         resumed.load_state_dict(state)
+        assert resumed.tokens_served == i * 3 * 48  # the token counter resumes too
         for b in batches[i:]:
             assert torch.equal(resumed.next_batch(3), b)
     other = corpus_from_spec(str(_make_dir(tmp_path / "d", n_files=9)))
@@ -395,10 +421,16 @@ def test_shuffled_windows_permute_rows_and_resume_exactly(tok, tmp_path):
         states.append(shuffled.state_dict())
         batches.append(shuffled.next_batch(4))
     rows_shuffled = torch.cat(batches)
+    perms = []
     for w in range(3):
         a, b = rows_plain[w * W : (w + 1) * W], rows_shuffled[w * W : (w + 1) * W]
         assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))  # the same rows
         assert not torch.equal(a, b)  # in another order
+        where = {row: k for k, row in enumerate(map(tuple, a.tolist()))}
+        assert len(where) == W
+        perms.append(tuple(where[row] for row in map(tuple, b.tolist())))
+    assert len(set(perms)) == 3  # each window its own permutation (seeded by the window's number)
+    assert shuffled.state_dict()["window"] == {"index": 2, "served": W}
     again = TokenStream(corpus, tok, seq_len=31, seed=5, group_bytes=500, shuffle_rows=W)
     assert torch.equal(again.next_batch(5), rows_shuffled[:5])  # seeded
     for i in (0, 1, 4, 7):  # window boundaries and mid-window

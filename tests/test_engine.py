@@ -209,6 +209,62 @@ def test_text_stream_waits_for_whole_characters_and_hides_stop_strings(tok):
     assert all("ST" not in c for c in chunks)
 
 
+def with_eos(tok, eos_id, directory):
+    """`tok` with token `eos_id` as its EOS: saved with a tokenizer_config.json naming it (as a model directory
+    has), loaded back by `Tokenizer.from_file`. Lets a test make any token of a known continuation the EOS."""
+    from nanoseek.tokenizer import Tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(directory / "tokenizer.json")
+    vocab = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    name = next(s for s, i in vocab.items() if i == eos_id)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": name}))
+    eos_tok = Tokenizer.from_file(directory / "tokenizer.json")
+    assert eos_tok.eos_id == eos_id
+    return eos_tok
+
+
+def first_new(ids, start, avoid=()):
+    """Index of the first id at or after `start` that occurs neither earlier in `ids` nor in `avoid`: made
+    the EOS, it ends the continuation exactly there."""
+    return next(i for i in range(start, len(ids)) if ids[i] not in ids[:i] and ids[i] not in avoid)
+
+
+def test_eos_ends_its_row_only(tok, tmp_path):
+    """Greedy continuations are known (ignore_eos); then their 3rd-or-so token is made the EOS. A row stops
+    right after it (the EOS included in its tokens, not in its text, finish reason "eos") and collects nothing
+    later, while the other row of the batch runs to its full length; speculative decoding stops there too."""
+    e = engine(tokenizer=tok)
+    p, q = tok.encode("def add(a, b):\n"), tok.encode("import os\n")
+    full = e.generate([p, q], max_new_tokens=20, ignore_eos=True).tokens
+    vocab = set(range(tok.vocab_size))
+    n = first_new(full[0], 2, avoid=set(full[1]) | (set(range(300)) - vocab))
+    assert n < 10, full
+    e.tokenizer = with_eos(tok, full[0][n], tmp_path)
+    want = full[0][: n + 1]
+    res = e.generate(p, max_new_tokens=20)
+    assert res.tokens == [want] and res.finish_reasons == ["eos"]
+    assert res.texts == [tok.decode(want[:-1])]
+    batch = e.generate([p, q], max_new_tokens=20)
+    assert batch.tokens == [want, full[1]] and batch.finish_reasons == ["eos", "length"]
+    assert e.generate(p, max_new_tokens=20, speculative=2).tokens == [want]
+    assert e.generate([p, q], max_new_tokens=20, ignore_eos=True).tokens == full  # ignore_eos still ignores it
+
+
+def test_held_back_text_is_flushed_when_a_row_ends(tok):
+    """A stop string that begins with the last generated character but never completes: that character is held
+    back (it could start the stop string) and must still be emitted, in the text and the stream, when the row
+    ends by length."""
+    e = engine(tokenizer=tok)
+    p = tok.encode("def add(a, b):\n")
+    text = e.generate(p, max_new_tokens=40, ignore_eos=True).texts[0]
+    chunks = []
+    stop = [text[-1] + "\x01"]
+    res = e.generate(p, max_new_tokens=40, stop=stop, on_text=lambda row, s: chunks.append(s), ignore_eos=True)
+    assert res.finish_reasons == ["length"]
+    assert res.texts[0] == text == tok.decode(res.tokens[0]) and "".join(chunks) == text
+
+
 # --- speculative decoding ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("mtp_layers", "k"), [(2, 1), (2, 2), (2, 3), (1, 2)])
 def test_speculative_greedy_equals_plain_greedy(mtp_layers, k):
@@ -570,6 +626,49 @@ def test_generate_cli_batch_chat_prompt_and_no_speculative_step(saved_model, tok
     # one new token: no speculative step, so no acceptance rate (n/a), not 0
     assert main([*base[:-3], "--max-new-tokens", "1", "--prompt", "x", "--speculative", "mtp"]) == 0
     assert "acceptance n/a (no speculative step)" in capsys.readouterr().err
+
+
+def test_generate_cli_stops_at_eos(saved_model, tok, capsys, tmp_path):
+    """Without --ignore-eos the CLI stops at the tokenizer's EOS: here a --tokenizer whose EOS is a token of
+    the known greedy continuation (the same vocabulary, so the ids before it are unchanged)."""
+    from nanoseek.cli import main
+
+    base = ["generate", "--model", str(saved_model), "--max-new-tokens", "12", "--dtype", "fp32"]
+    base += ["--prompt", "def add(", "--json"]
+    assert main([*base, "--ignore-eos"]) == 0
+    full = json.loads(capsys.readouterr().out)["tokens"]
+    n = first_new(full, 2, avoid=set(range(300)) - set(range(tok.vocab_size)))
+    with_eos(tok, full[n], tmp_path)
+    assert main([*base, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == full[: n + 1] and out["finish_reason"] == "eos"
+    assert main([*base, "--tokenizer", str(tmp_path / "tokenizer.json"), "--ignore-eos"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == full and out["finish_reason"] == "length"
+
+
+def test_generate_cli_chat_keeps_the_newest_tokens(tok, capsys, monkeypatch, tmp_path):
+    """A chat turn whose conversation does not fit (max_position_embeddings - --max-new-tokens = 28 tokens of
+    room) drops the oldest tokens: it generates what the engine generates from the last 28."""
+    import io
+
+    from nanoseek.cli import main
+
+    torch.manual_seed(0)
+    m = Transformer(micro(max_position_embeddings=32))
+    randomize_bias(m)
+    save_model(m, tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    ids = tok.encode(TEXT)
+    assert len(ids) > 2 * 28
+    e = Engine.load(tmp_path, dtype="fp32")
+    newest = e.generate(ids[-28:], max_new_tokens=4, ignore_eos=True).tokens[0]
+    assert e.generate(ids[:28], max_new_tokens=4, ignore_eos=True).tokens[0] != newest  # the test can tell
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    argv = ["generate", "--model", str(tmp_path), "--max-new-tokens", "4", "--dtype", "fp32", "--ignore-eos"]
+    assert main([*argv, "--chat", "--json", "--prompt", TEXT]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_tokens"] == 28 and out["tokens"] == newest
 
 
 def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):

@@ -323,6 +323,33 @@ def test_presets_build_on_meta_and_v3_counts():
     assert abs(lite["params_total"] - 15.7e9) / 15.7e9 < 0.01 and abs(lite["params_active"] - 2.4e9) / 2.4e9 < 0.03
 
 
+def test_v3_flops_per_token_follow_the_formulas(capsys):
+    """V3's FLOPs per token pinned to their formulas: 2 per activated weight (routed experts scaled by K/E =
+    8/256; the embedding is a lookup) plus causal attention, A = 2·n_h·(T/2)·(d_qk + d_v) per token per layer
+    (T/2 keys on average); the MTP depth adds its own activated weights, the shared output head and one more
+    attention; training = 3 forwards (the backward is two). `info --seq-len` changes only the attention."""
+    from nanoseek.cli import main
+
+    r = cost_report(get_preset("v3"), seq_len=4096)
+    A = 2 * 128 * (4096 // 2) * (192 + 128)
+    assert r["forward_flops_per_token"] == 2 * r["params_active"] + 61 * A
+    # the MTP module's activated weights: MLA (q 7168->1536->128x192, kv 7168->512+64, 512->128x(128+128), o
+    # 128x128->7168, 2 norms), MoE (1 shared + 8 of 256 routed experts of 3x7168x2048, the gate), 2 block norms,
+    # eh_proj 2x7168->7168, and enorm, hnorm, the head's norm
+    attn = 7168 * 1536 + 1536 * 128 * 192 + 7168 * (512 + 64) + 512 * 128 * 256 + 128 * 128 * 7168 + 1536 + 512
+    mtp = attn + 9 * 3 * 7168 * 2048 + 256 * 7168 + 2 * 7168 + 2 * 7168 * 7168 + 3 * 7168
+    assert r["params_mtp_active"] == mtp == 688_100_352
+    head = 7168 * 129280
+    assert r["train_flops_per_token"] == 3 * (r["forward_flops_per_token"] + 2 * (mtp + head) + A)
+    assert r["train_flops_per_token_main"] == 3 * r["forward_flops_per_token"]
+    assert r["naive_kv_elements_per_token_per_layer"] == 128 * (192 + 128) == 40960
+    assert main(["info", "--preset", "v3", "--seq-len", "8192", "--json"]) == 0
+    long = json.loads(capsys.readouterr().out)
+    assert long["seq_len"] == 8192 and long["params_active"] == r["params_active"]
+    assert long["forward_flops_per_token"] - r["forward_flops_per_token"] == 61 * A  # twice the keys: +A a layer
+    assert long["train_flops_per_token"] - r["train_flops_per_token"] == 3 * 62 * A  # 61 layers + the MTP block
+
+
 def test_yarn_softmax_scale_matches_spec():
     from nanoseek.model.rope import inv_frequencies, softmax_scale
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from conftest import micro_config
 
 from nanoseek.errors import NanoseekError
+from nanoseek.fp8 import TILE_1x128, fake_quant
 from nanoseek.model import Transformer
 from nanoseek.model.moe import Experts, Gate
 from nanoseek.parallel import ParallelPlan
@@ -164,13 +165,17 @@ def _traffic_worker(rank, world):
     assert rep["bytes_per_token"] == pytest.approx(4 * (256 + 16 + 256) / 7)
 
     # skewed routing: every token of both ranks goes to rank 1's experts, rank 0 receives nothing (its
-    # dispatch backward must still run); outputs and gradients equal the single-process experts
+    # dispatch backward must still run); outputs and gradients equal the single-process experts. With FP8
+    # dispatch, they equal the single-process experts on the FP8-rounded inputs: only the dispatched rows are
+    # quantised (1x128 tiles, power-of-two scales; gradients pass straight through), the combine stays fp32
+    # (an FP8 combine would be off by the output's own rounding, ~1e-2 relative).
     torch.manual_seed(0)
     full = Experts(8, 64, 16)
     torch.nn.init.normal_(full.w13, 0, 0.1)
     torch.nn.init.normal_(full.w2, 0, 0.1)
-    for chunks in (1, 2):
-        ep = ExpertParallel(full, plan.ep_group, chunks=chunks)
+    for chunks, fp8 in ((1, False), (2, False), (1, True)):
+        tag = f"skewed EP chunks={chunks} fp8={fp8}"
+        ep = ExpertParallel(full, plan.ep_group, chunks=chunks, fp8_dispatch=fp8)
         g = torch.Generator().manual_seed(rank)
         x = torch.randn(6, 64, generator=g, requires_grad=True)
         idx = torch.randint(4, 8, (6, 1), generator=g).repeat(1, 2)
@@ -180,17 +185,19 @@ def _traffic_worker(rank, world):
         probe = torch.randn(64, generator=torch.Generator().manual_seed(7))
         (y * probe).sum().backward()
         ref = copy.deepcopy(full)
-        xr, wr = x.detach().clone().requires_grad_(), wts.detach().clone().requires_grad_()
+        xr = fake_quant(x.detach(), TILE_1x128, pow2_scale=True) if fp8 else x.detach().clone()
+        assert fp8 == (not torch.equal(xr, x))  # the rounding is real
+        xr, wr = xr.requires_grad_(), wts.detach().clone().requires_grad_()
         yr = ref(xr, idx, wr)
         (yr * probe).sum().backward()
-        close(y, yr, "skewed EP output")
-        close(x.grad, xr.grad, "skewed EP input grad", atol=1e-6)
-        close(wts.grad, wr.grad, "skewed EP routing-weight grad")
+        close(y, yr, f"{tag} output")
+        close(x.grad, xr.grad, f"{tag} input grad", atol=1e-6)
+        close(wts.grad, wr.grad, f"{tag} routing-weight grad")
         grads = gather_experts(ep, {}, grads=True)
         for n in ("w13", "w2"):  # the expert grads hold both ranks' contributions: compare with their sum
             total = getattr(ref, n).grad.clone()
             dist.all_reduce(total)
-            close(grads[n], total, f"skewed EP {n} grad", atol=1e-6)  # other summation order
+            close(grads[n], total, f"{tag} {n} grad", atol=1e-6)  # other summation order
 
     # node-limited routing on a real forward: 2 nodes of 1 rank, at most 1 node per token
     x, _ = batch(8, seed=rank + 5)
@@ -237,6 +244,9 @@ def _pp_worker(rank, world, ep, schedules):
     model = build_model()
     x, y = batch(4 * ep)
     ref_loss, ref_grads, ref_norm, ref_state = reference(model, x, y)
+    x7, y7 = batch(7, seed=3)  # a short last validation batch: 4 micro-batches of 2, 2, 2 and 1 rows
+    with torch.no_grad():
+        ref7 = mtp_loss(copy.deepcopy(model), x7, y7)
     for schedule in schedules:
         plan = ParallelPlan(pp=2, ep=ep, pp_schedule=schedule, microbatches=4, mtp_weight=MTP_WEIGHT, overlap=ep > 1)
         w = plan.wrap(copy.deepcopy(model))
@@ -245,6 +255,9 @@ def _pp_worker(rank, world, ep, schedules):
         assert len(w.stages) == (2 if schedule == "dualpipev" else 1)
         ev = plan.mean_over_data(plan.eval_step(w, xs, ys))  # forward only, then a training step
         close(torch.tensor(ev, dtype=torch.float64), ref_loss.double(), f"{tag} eval loss")
+        if ep == 1:  # uneven chunks count by their rows (the 1-row chunk weighs 1/7, not 1/4)
+            ev7 = plan.eval_step(w, x7, y7)
+            close(torch.tensor(float(ev7), dtype=torch.float64), ref7.double(), f"{tag} eval loss on 7 rows")
         assert all(p.grad is None for p in w.parameters())
         loss = plan.train_step(w, xs, ys)
         parts = w.last_parts  # the MTP term is in the loss
@@ -343,17 +356,32 @@ def _dp_worker(rank, world, ep, modes):
         assert torch.equal(m.tokens_per_expert, total)
         assert int(total.sum()) == 8 * (16 - (1 if m is w.mtp[0].mlp else 0)) * 2  # every token, K = 2
 
+    if True in modes:  # gradient accumulation: two micro-batches of 4 rows, communicating only in the second
+        ref = copy.deepcopy(model)
+        for a in (0, 4):
+            (mtp_loss(ref, x[a : a + 4], y[a : a + 4]) / 2).backward()
+        w = plan.wrap(copy.deepcopy(model))
+        run = plan.data_parallel(w)
+        for a, sync in ((0, False), (4, True)):  # no_sync, and the expert hooks quiet, in the first backward
+            with plan.accumulate(run, sync=sync):
+                (mtp_loss(run, plan.shard_batch(x[a : a + 4]), plan.shard_batch(y[a : a + 4])) / 2).backward()
+        plan.sync_grads(w)
+        grads = gather_experts(w, {n: p.grad for n, p in w.named_parameters()}, grads=True)
+        for n, p in ref.named_parameters():
+            close(grads[n], p.grad, f"dp={plan.dp} ep={ep} accumulated grad {n}")
+
 
 def test_data_parallel_matches_doubled_batch():
     """DP=2, each rank half of an 8-sequence batch == single process on all 8: loss, grads, norm, weights after
     an SGD step, through DistributedDataParallel and through the bucketed all-reduce; routing counts summed
-    over ranks."""
+    over ranks; two accumulated micro-batches (`plan.accumulate`) == the single process's accumulated grads."""
     spawn(_dp_worker, 2, 1, (True, False))
 
 
 def test_expert_and_data_parallel_compose():
     """EP=2 x DP=2 on 4 ranks, through DDP: same checks (expert grads averaged over the DP ranks with the same
-    experts by the async hooks, the rest by DDP over all four ranks)."""
+    experts by the async hooks, the rest by DDP over all four ranks), and under gradient accumulation the
+    hooks, like DDP, stay quiet in the `sync=False` backward (else the first micro-batch would count dp times)."""
     spawn(_dp_worker, 4, 2, (True,))
 
 

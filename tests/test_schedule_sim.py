@@ -179,3 +179,29 @@ def test_render():
     assert len(lines) == 1 + res.devices and "bubble=1" in lines[0]
     assert len({len(line.split("|")[1]) for line in lines[1:]}) == 1
     assert "X" in text and "W" in text and "." in text
+
+
+@pytest.mark.parametrize(
+    ("schedule", "peaks"),
+    [("1F1B", (4, 3, 2, 1)), ("ZB1P", (4, 4, 4, 4)), ("DualPipe", (5, 5, 5, 5)), ("DualPipeV", (5, 5))],
+)
+def test_peak_activations_per_stage(schedule, peaks):
+    """PP=4, 8 micro-batches, (F, B, W) = (1, 2, 1): a micro-batch's activations are held from its F until its
+    W (the weight gradient still needs them), so ZB1P's deferred W keeps every stage at PP while 1F1B's later
+    stages free early; `test_table` only sees the maximum."""
+    assert simulate(schedule, 4, 8, 1.0, 2.0, 1.0, 2.0).peak_activations == peaks
+
+
+def test_comm_delay_only_between_ranks():
+    """1F1B, PP=2, 4 micro-batches, (F, B, W) = (1, 2, 1): comm = 0.5 delays only the cross-rank hops (F 0->1,
+    B 1->0), making 17 instead of 15; charging it on a stage's own F -> B dependency too would give 18.5."""
+    assert simulate("1F1B", 2, 4, 1.0, 2.0, 1.0, comm=0.5).makespan == pytest.approx(17.0)
+    assert simulate("1F1B", 2, 4, 1.0, 2.0, 1.0).makespan == pytest.approx(15.0)
+
+
+def test_zb1p_exact_regime_needs_input_grad_at_least_w():
+    """ZB1P's formula needs min(F, B - W) >= W: with (F, B, W) = (2, 3, 2) F >= W holds but B - W = 1 < W, and
+    the simulated PP=8 bubble (14) is twice the formula's 7."""
+    assert not formula_is_exact("ZB1P", 2, 3, 2)
+    assert simulate("ZB1P", 8, 16, 2, 3, 2).bubble == pytest.approx(14.0)
+    assert bubble_formula("ZB1P", 8, 2, 3, 2) == pytest.approx(7.0)

@@ -541,3 +541,54 @@ def test_clip_grad_norm_if_over_matches_torch_bit_for_bit(scale):
             assert torch.equal(a.grad, b.grad)
     if scale == 5.0:
         assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in mods[1].parameters()])) < 1.0 + 1e-5
+
+
+def test_only_the_last_keep_last_checkpoints_are_kept(tmp_path, corpus_dir):
+    """Each save prunes the run to its `--keep-last` newest checkpoints (older ones deleted, the newest kept)."""
+    from nanoseek.checkpoint import list_checkpoints
+
+    train(tc(tmp_path, corpus_dir, steps=8, save_every=2, eval_every=8, keep_last=2))
+    ck = tmp_path / "run" / "checkpoints"
+    assert list_checkpoints(tmp_path / "run") == [ck / "step_0000006", ck / "step_0000008"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step_0000006", "step_0000008"]  # the rest deleted, not hidden
+
+
+def test_recover_interrupted_saves_restores_old_dirs_and_removes_tmp_ones(tmp_path):
+    """A `.step_X.old-*` whose step_X is missing is the previous complete checkpoint (killed between atomic_dir's
+    two renames) and is put back; a `.step_X.tmp-*` is a half-written save and is removed even when step_X is
+    missing (restoring it would resume from partial weights); an `.old-*` whose step_X exists is removed."""
+    from nanoseek.checkpoint import list_checkpoints, recover_interrupted_saves
+
+    ck = tmp_path / "run" / "checkpoints"
+    for name in (".step_0000003.old-1", ".step_0000003.old-2", ".step_0000009.tmp-x"):
+        (ck / name).mkdir(parents=True)
+        (ck / name / "model.safetensors").write_text(name)  # a kill may come after the weights were written
+    done = recover_interrupted_saves(tmp_path / "run")
+    assert done == [
+        "restored step_0000003 from an interrupted save",
+        "removed .step_0000003.old-2 (left by an interrupted save)",
+        "removed .step_0000009.tmp-x (left by an interrupted save)",
+    ]
+    assert sorted(p.name for p in ck.iterdir()) == ["step_0000003"]
+    assert list_checkpoints(tmp_path / "run") == [ck / "step_0000003"]
+    assert (ck / "step_0000003" / "model.safetensors").read_text() == ".step_0000003.old-1"  # the sorted-first one
+    assert recover_interrupted_saves(tmp_path / "run") == []  # nothing left to do
+
+
+def test_evaluate_loss_is_next_token_loss_on_shifted_batches(tmp_path, corpus_dir):
+    """`evaluate` feeds tokens [:-1] and scores against [1:]: its val_loss is the plain next-token cross-entropy
+    computed independently (single-process and distributed runs share this code, so only a reference catches a
+    wrong shift); val_mtp_loss is the mean of the MTP depths' losses."""
+    t = Trainer(tc(tmp_path, corpus_dir, precision="fp32"))
+    t.train_step()  # a model that is not uniform
+    b = t.val[0]
+    assert b.shape == (2, 33)
+    rec = t.evaluate([b])
+    t.model.eval()
+    with torch.no_grad():
+        loss, _ = lm_losses(t.model, b[:, :-1], b[:, 1:], False)
+        _, mtp = lm_losses(t.model, b[:, :-1], b[:, 1:], True)
+    t.model.train()
+    assert rec["val_loss"] == pytest.approx(float(loss), abs=1e-6)
+    assert rec["val_mtp_loss"] == pytest.approx(float(torch.stack(mtp).mean()), abs=1e-6)
+    assert rec["val_tokens"] == 2 * 32 and 3.0 < rec["val_loss"] < 7.0  # near ln(512) = 6.24 after one step
