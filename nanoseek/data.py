@@ -6,8 +6,9 @@ tokenises it in batches, joins documents with EOS and cuts the stream into rows 
 DeepSeek-V3 (spec §7), documents are packed *without* cross-document attention masking.
 
 Split rule (files): a file is validation if the first 8 bytes of md5(path relative to the corpus root), read
-as a fraction of 2**64, are below VAL_FRACTION. The hash depends only on the relative path, so the split is
-the same on every machine and run, and adding files never moves existing ones. If no file falls below, the
+as a fraction of 2**64, are below VAL_FRACTION. The hash depends only on the relative path (for a glob, relative
+to the matched files' common directory, which a file matched elsewhere can change), so the split is the same on
+every machine and run, and adding files never moves existing ones. If no file falls below, the
 file with the lowest hash is validation; if all do, the one with the highest goes back to train. VAL_FRACTION
 is 4% rather than 2% because 2% of the Python stdlib gives only ~460 KB (~130k tokens); 4% gives 73 files,
 ~1.1 MB: 373k tokens with a 2k BPE vocab, 306k with 8k, 283k with 32k.
@@ -74,7 +75,7 @@ def _hash01(key: str) -> float:
 
 @dataclass
 class Corpus:
-    """Document sources split by file into train and validation (see the module docstring for the rule)."""
+    """Document sources split into train and validation by file, or inside files (the module docstring)."""
 
     name: str  # for messages: "--data <spec>" or "the Python standard library (<path>)"
     train: list[Source]

@@ -1,7 +1,7 @@
 """`nanoseek bench fp8`: bf16 vs FP8 fine-grained (1x128 / 128x128 tiles) vs FP8 per-tensor training.
 
 Same `tiny` model (no MTP), seed and data order in every arm; `nanoseek train --precision fp8` emulates the
-V3 recipe on CPU (quantise -> dequantise -> bf16 GEMM), so it measures the *numerics* of FP8 training,
+V3 recipe on CPU (quantise -> dequantise -> an fp32-accurate GEMM), so it measures the *numerics* of FP8 training,
 not its speed (tokens/s are reported, and on CPU FP8 is slower). Measured:
 - relative training-loss error against bf16, |L_fp8 − L_bf16| / L_bf16, with both losses smoothed over the
   last ~10% of steps (the V3 report plots EMA-smoothed curves and quotes < 0.25%); the per-step EMA(0.9)

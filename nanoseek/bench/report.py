@@ -4,7 +4,9 @@ Collects every bench's saved result (`<results dir>/NAME/result.json`, the resul
 `--out`, i.e. `runs/bench` by default) and runs the benches that have none (with the same --quick, --seeds,
 --steps and --data). For each of the five design choices it puts the quality effect and the cost effect
 next to the conventional alternative, with the papers' figures beside ours, plus a summary figure and the
-benches' own plots. Benches that cannot run in this checkout are listed with the reason.
+benches' own plots. Benches that cannot run in this checkout are listed with the reason. Results saved by
+other code than this checkout (their `code` commit differs, or they record none) are named in the report and
+in `older_code`.
 """
 
 from __future__ import annotations
