@@ -288,3 +288,45 @@ def test_unaligned_moe_trains_with_the_default_impl(precision, fields, one_threa
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-2 if precision == "bf16" else 1e-5)
     w13 = m.layers["1"].mlp.experts.w13
     assert w13.grad is not None and w13.grad.abs().sum() > 0
+
+
+def test_more_bad_training_settings_are_rejected(tmp_path):
+    """Bounds the big table above leaves out: eval_tokens must hold one seq_len + 1 row (exactly), the
+    counts that 0 does not mean "default" for, an empty --resume, and unknown keys of a --config file."""
+    with pytest.raises(
+        NanoseekError, match=r"--eval-tokens 32 must cover at least one sequence of --seq-len \+ 1 = 33"
+    ):
+        validate(TrainConfig(eval_tokens=32, seq_len=32))
+    validate(TrainConfig(eval_tokens=33, seq_len=32))  # exactly one row is enough
+    for kw, needle in [
+        (dict(pp_microbatches=0), "--pp-microbatches must be >= 1, got 0"),
+        (dict(max_nodes_per_token=0), "--max-nodes-per-token must be >= 1, got 0"),
+        (dict(grad_accum=0), "--grad-accum must be >= 1, got 0"),
+        (dict(keep_last=0), "--keep-last must be >= 1, got 0"),
+        (dict(resume=""), "--resume is empty"),
+    ]:
+        with pytest.raises(NanoseekError) as e:
+            validate(TrainConfig(**kw))
+        assert needle in str(e.value) and "\n" not in str(e.value), kw
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 3, "no_such": 1}))
+    with pytest.raises(NanoseekError, match="unknown training setting\\(s\\): no_such"):
+        load_settings(tmp_path / "c.json")
+    # the default shuffle window holds 2^23 tokens, whatever the row length
+    assert TrainConfig(seq_len=255).window_rows() == 32768 and TrainConfig(seq_len=1023).window_rows() == 8192
+    assert TrainConfig(seq_len=255, shuffle_rows=5).window_rows() == 5
+
+
+def test_resume_replays_the_runs_saved_settings(tmp_path):
+    """`train --resume DIR/checkpoints/step_N` reads DIR/train_config.json and continues in DIR (the saved
+    --out may be elsewhere, e.g. a moved run); flags given on the command line still win."""
+    from nanoseek.cli import build_parser
+    from nanoseek.train_config import from_args
+
+    run = tmp_path / "moved_run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"steps": 7, "lr": 0.01, "out": "/elsewhere", "resume": None}))
+    ck = str(run / "checkpoints" / "step_0000002")
+    tc = from_args(build_parser().parse_args(["train", "--resume", ck]))
+    assert (tc.steps, tc.lr, tc.out, tc.resume) == (7, 0.01, str(run), ck)
+    tc = from_args(build_parser().parse_args(["train", "--resume", ck, "--steps", "9"]))
+    assert (tc.steps, tc.lr, tc.out) == (9, 0.01, str(run))

@@ -1,0 +1,137 @@
+"""The arithmetic of the benches on small synthetic inputs, no training: the fp8 bench's seed statistics and
+verdicts (with `train_arm` and `activation_bytes` stubbed), MaxVio, the smoothing / statistics helpers, the
+options and settings helpers, the KV formulas and the balance bench's floors. The --quick runs in
+test_bench.py use one seed and tiny numbers, so none of this is pinned there."""
+
+import math
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanoseek import NanoseekError
+from nanoseek.balance import maxvio
+from nanoseek.bench import balance as bench_balance
+from nanoseek.bench import common, fp8, kv
+from nanoseek.bench.common import BenchOptions, Report
+
+# --- fp8 bench: seed statistics with stubbed arms --------------------------------------------------------------
+BF16 = 400.0  # a loss whose relative errors 1/400 etc. are exactly the float literals the verdicts compare with
+ACT_BYTES = {None: 1000, "block": 400, "tensor": 500}
+
+
+def fp8_result(monkeypatch, tmp_path, final: dict[str, list[float]]) -> dict:
+    """Run the fp8 bench with 2 seeds of 10 steps whose losses are BF16 except the last step of the arms named
+    in `final` (one final loss per seed): smooth_tail over 10 steps is the last loss."""
+
+    def fake_train_arm(opts, slug, seed, keep=False, **kw):
+        label = {"fp8_block-wise": "block", "fp8_tensor-wise": "tensor"}.get(slug)
+        losses = [BF16] * 10
+        if label in final:
+            losses[-1] = final[label][seed]
+        trainer = SimpleNamespace(stream=SimpleNamespace(next_batch=lambda b: torch.zeros(b, 33, dtype=torch.long)))
+        return common.Arm(
+            slug,
+            seed,
+            {"tokens_per_s": 100.0 + seed, "val_loss": 3.0 + seed, "tokens": 640},
+            [{"step": i + 1, "loss": v} for i, v in enumerate(losses)],
+            [],
+            trainer if keep else None,
+        )
+
+    monkeypatch.setattr(fp8, "train_arm", fake_train_arm)
+    monkeypatch.setattr(fp8, "activation_bytes", lambda s, g, b: {"bytes": ACT_BYTES[g], "by_dtype": {}})
+    monkeypatch.setattr(fp8, "plot_lines", lambda *a, **k: None)
+    opts = BenchOptions(name="fp8", quick=True, seeds=2, out=tmp_path)
+    return fp8.run(opts, Report("fp8", fp8.TITLE, opts))
+
+
+def test_fp8_seed_statistics_and_verdicts(monkeypatch, tmp_path):
+    """Signed per-seed errors +1% and -0.5%: |mean| 0.25%, mean |error| 0.75%, s.e. stdev/√n 0.75%, bound
+    |mean| + 2 s.e. = 1.75% (goal not met); tensor-wise 5% is visibly worse than block-wise."""
+    r = fp8_result(monkeypatch, tmp_path, {"block": [404.0, 398.0], "tensor": [420.0, 420.0]})
+    blk, ten = "fp8 block-wise", "fp8 tensor-wise"
+    assert r["seeds"] == 2
+    assert r["rel_loss_error_per_seed"][blk] == pytest.approx([0.01, -0.005])  # each seed its own error
+    assert r["rel_loss_error_per_seed"]["fp32 (control)"] == [0.0, 0.0]
+    assert r["rel_loss_error_blockwise"] == pytest.approx(0.0025)
+    assert r["rel_loss_error_blockwise_abs_mean"] == pytest.approx(0.0075)
+    assert r["rel_loss_error_sem"][blk] == pytest.approx(statistics.stdev([0.01, -0.005]) / math.sqrt(2))
+    assert r["rel_loss_error_sem"][blk] == pytest.approx(0.0075)
+    assert r["rel_loss_error_blockwise_bound"] == pytest.approx(0.0175)
+    assert r["rel_loss_error_tensorwise"] == pytest.approx(0.05) and r["rel_loss_error_sem"][ten] == 0
+    assert r["activation_memory_ratio"] == pytest.approx(0.4)
+    assert r["activation_memory_ratio_tensorwise"] == pytest.approx(0.5)
+    assert r["tokens_per_s_bf16"] == 100.5 and r["val_loss"]["bf16"] == 3.5
+    met = [g["met"] for g in r["goals"]]
+    assert met == [False, True, True]  # bound 1.75% > 0.25%; 5% - 0.25% > 2 s.e. = 1.5%; 0.4 <= 0.7
+
+
+def test_fp8_goal_is_strictly_below_the_limit(monkeypatch, tmp_path):
+    """An error of exactly 0.25% on both seeds (no spread) does not meet "< 0.25%"; and a tensor-wise error
+    below block-wise is not "visibly worse"."""
+    r = fp8_result(monkeypatch, tmp_path, {"block": [401.0, 401.0], "tensor": [400.4, 400.4]})
+    assert r["rel_loss_error_blockwise_bound"] == 0.0025  # 1/400 exactly, s.e. 0
+    assert [g["met"] for g in r["goals"]][:2] == [False, False]
+
+
+# --- MaxVio and the stats helpers ------------------------------------------------------------------------------
+def test_maxvio_is_relative_to_the_mean():
+    assert maxvio(torch.tensor([3, 1, 1, 3])) == 0.5  # (3 - 2) / 2; torch's (lower) median 1 would give 2.0
+    assert maxvio(torch.tensor([3, 1, 1, 1])) == 1.0  # (3 - 1.5) / 1.5; the median 1 would give 2.0
+    assert maxvio(torch.tensor([0, 0])) == 0.0
+
+
+def test_ema_smooth_tail_mean_std_median():
+    assert common.ema([1.0, 2.0], 0.9) == pytest.approx([1.0, 1.1])  # m = 0.9 m + 0.1 v
+    assert common.smooth_tail(list(range(1, 21))) == 19.5  # mean of the last 10%: 19, 20
+    assert common.smooth_tail([5.0, None, 7.0]) == 7.0  # at least one point, Nones dropped
+    assert common.mean_std([1, 2, 3]) == (2.0, 1.0)  # sample standard deviation
+    assert common.mean_std([1, None, float("nan"), 3]) == (2.0, pytest.approx(2**0.5))
+    assert common.mean_std([4]) == (4.0, None) and common.mean_std([]) == (None, None)
+    assert common.median([1, 2, 10]) == 2
+    assert math.isnan(common.median([]))
+
+
+def test_goal_and_goals_table():
+    assert common.goal("x", 1, "t", None)["met"] is None
+    t = common.goals_table([common.goal("a", 1.0, "t", False), common.goal("b", 2.0, "t", True)])
+    rows = t.splitlines()[2:]
+    assert "NOT met" in rows[0] and "NOT met" not in rows[1] and "met" in rows[1]
+    assert "n/a" in common.goals_table([common.goal("c", None, "t", None)])
+
+
+def test_bench_options_and_base_settings():
+    with pytest.raises(NanoseekError):
+        BenchOptions(seeds=0).n_seeds(1)
+    assert BenchOptions().n_seeds(3) == 3 and BenchOptions(quick=True).n_seeds(3) == 1
+    assert BenchOptions().eval_every(1000, 5) == 200  # five evaluations over a full run
+    assert BenchOptions(quick=True).eval_every(1000, 5) == 1000  # only at the end of a quick one
+    s = common.base_settings(BenchOptions(quick=True), {"intermediate_size": 999})
+    assert "intermediate_size=999" in s["override"]  # the caller's model wins over MICRO
+    assert "intermediate_size=128" not in s["override"] and "hidden_size=64" in s["override"]
+
+
+# --- kv bench --------------------------------------------------------------------------------------------------
+def test_kv_rows_ratios_bytes_and_groups():
+    v3 = {r["attention"]: r for r in kv.formula_rows("v3")}
+    assert v3["MLA"]["ratio_vs_mha"] == 576 / 32768
+    assert v3["MHA"]["ratio_vs_mha"] == 1.0
+    for r in v3.values():
+        assert r["bf16_bytes_per_token_per_layer"] == 2 * r["elements_per_token_per_layer"]
+        assert (r["kv_lora_rank"] is None) == (r["attention"] != "MLA")
+    assert v3["MLA"]["kv_lora_rank"] == 512
+    small = {r["attention"]: r for r in kv.formula_rows("small")}  # 8 heads: GQA with half of them
+    assert list(small) == ["MHA", "GQA-4", "MQA", "MLA"]
+    assert small["GQA-4"]["kv_groups"] == 4 and small["GQA-4"]["elements_per_token_per_layer"] == 2 * 4 * 64
+    assert small["MHA"]["kv_lora_rank"] is None and small["MLA"]["kv_lora_rank"] == 128
+
+
+# --- balance bench ---------------------------------------------------------------------------------------------
+def test_balance_ratio_maxvio_and_sampling_floor():
+    # layer 1: shares [.75,.25] / [.25,.75] = [3, 1/3] -> MaxVio 0.8; layer 2: 0 -> layer mean 0.4
+    assert bench_balance._ratio_maxvio([[3, 1], [2, 2]], [[1, 3], [2, 2]]) == pytest.approx(0.4)
+    # 1.8 * sqrt((1 - K/N) / (T K/N)) at T = 512, N = 16, K = 2
+    assert bench_balance.sampling_floor(512, 16, 2) == pytest.approx(1.8 * math.sqrt(0.875 / 64))
+    assert bench_balance.sampling_floor(512, 16, 2) == pytest.approx(0.2105, abs=1e-4)

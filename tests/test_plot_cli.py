@@ -1,0 +1,119 @@
+"""`nanoseek plot` and the CLI plumbing around it: the PNGs of a run and the data each one draws; the parser's
+subcommands, `--threads`, and the bench runner leaving torch's thread count as it found it."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported anywhere
+import matplotlib.axes
+import numpy as np
+import pytest
+import torch
+
+import nanoseek.plot
+from nanoseek import NanoseekError
+from nanoseek.cli import build_parser, main, set_threads
+
+
+@pytest.fixture
+def keep_threads():
+    """Tests that change torch's thread count give it back."""
+    n = torch.get_num_threads()
+    yield n
+    torch.set_num_threads(n)
+
+
+def other_than(n: int) -> int:
+    return 3 if n != 3 else 2
+
+
+# --- CLI plumbing ---------------------------------------------------------------------------------------------
+def test_set_threads_sets_torchs_intra_op_threads(keep_threads):
+    n = other_than(keep_threads)
+    set_threads(n)
+    assert torch.get_num_threads() == n
+    set_threads(None)  # unset: torch's choice stays
+    assert torch.get_num_threads() == n
+    with pytest.raises(NanoseekError, match="--threads must be >= 1, got 0"):
+        set_threads(0)
+
+
+def test_parser_routes_plot_to_its_handler():
+    args = build_parser().parse_args(["plot", "some/run"])
+    assert args.command == "plot" and args.run == "some/run" and args.func is nanoseek.plot._cli
+
+
+def test_info_rejects_a_zero_context(capsys):
+    assert main(["info", "--seq-len", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --seq-len must be >= 1, got 0"]
+
+
+def test_bench_restores_the_thread_count(tmp_path, keep_threads):
+    """A bench run with --threads 1 inside a longer process (tests, notebooks) leaves torch as it found it."""
+    from nanoseek.bench import BenchOptions, run
+
+    torch.set_num_threads(3)
+    run("kv", BenchOptions(out=tmp_path, threads=1))
+    assert torch.get_num_threads() == 3
+
+
+# --- plot_run -------------------------------------------------------------------------------------------------
+def write_run(run, evals_load=((1, 3), (4, 4))):
+    run.mkdir()
+    recs = [
+        dict(step=1, loss=5.0, mtp_loss=5.5, maxvio_batch=0.9, expert_load=[[9, 1], [1, 9]]),
+        dict(step=2, loss=4.0, mtp_loss=None, maxvio_batch=0.5, expert_load=[[9, 1], [1, 9]]),
+        dict(step=3, loss=3.0, mtp_loss=3.5, maxvio_batch=0.25),
+        dict(step=2, val_loss=4.2, maxvio_global=0.7, val_expert_load=[[5, 5], [5, 5]]),
+        dict(step=4, loss=None),  # a skipped (non-finite) step: not drawn
+        dict(step=4, val_loss=3.1, maxvio_global=0.3, val_expert_load=[list(r) for r in evals_load]),
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    return run
+
+
+def test_plot_run_writes_the_pngs(tmp_path, capsys):
+    run = write_run(tmp_path / "r")
+    assert main(["plot", str(run)]) == 0
+    names = ["loss.png", "maxvio.png", "expert_load.png"]
+    assert capsys.readouterr().out.split() == [str(run / n) for n in names]
+    for n in names:
+        assert (run / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_run_draws_the_right_series(tmp_path, monkeypatch):
+    """Each line is the metric its label says: MTP loss from the steps' mtp_loss (skipping steps without one),
+    validation loss and MaxVio_global from the evaluation records; the heat map is the last evaluation's
+    per-layer expert loads over each layer's own mean load (rows 1,3 and 4,4: 0.5,1.5 and 1,1)."""
+    lines, images = {}, []
+    plot, imshow = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.imshow
+
+    def rec_plot(self, x, y, *a, label=None, **kw):
+        lines[label] = (list(x), list(y))
+        return plot(self, x, y, *a, label=label, **kw)
+
+    def rec_imshow(self, a, *args, **kw):
+        images.append(np.array(a))
+        return imshow(self, a, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", rec_plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", rec_imshow)
+    nanoseek.plot.plot_run(write_run(tmp_path / "r"))
+    assert lines == {
+        "train loss": ([1, 2, 3], [5.0, 4.0, 3.0]),
+        "MTP loss (depth mean)": ([1, 3], [5.5, 3.5]),
+        "validation loss": ([2, 4], [4.2, 3.1]),
+        "MaxVio_batch (layer mean)": ([1, 2, 3], [0.9, 0.5, 0.25]),
+        "MaxVio_global (validation)": ([2, 4], [0.7, 0.3]),
+    }
+    assert len(images) == 1 and np.allclose(images[0], [[0.5, 1.5], [1.0, 1.0]])
+
+
+def test_plot_run_errors(tmp_path):
+    with pytest.raises(NanoseekError, match=r"no metrics\.jsonl"):
+        nanoseek.plot.plot_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, val_loss=3.0)) + "\n")
+    with pytest.raises(NanoseekError, match="has no training steps yet"):
+        nanoseek.plot.plot_run(tmp_path)
