@@ -86,6 +86,27 @@ def test_balance_quick(suite):
         assert (root / "balance" / f).exists(), f
 
 
+def test_balance_arms_trained_what_they_report(suite):
+    """Each reported arm's balancing settings are those its run was trained with (its saved train_config.json),
+    not only the arm's label: e.g. the proportional arm really trained with the proportional rule."""
+    root, res = suite
+
+    def key(balance, alpha=None, gamma=None, rule=None, schedule=None):
+        return {"loss-free": (balance, gamma, rule, schedule), "aux": (balance, alpha)}.get(balance, (balance,))
+
+    reported = sorted(
+        key(a["balance"], a["alpha"], a["gamma"], a["bias_update"], a["bias_update_schedule"])
+        for a in res["balance"]["arms"]
+    )
+    trained = []
+    for path in sorted((root / "balance" / "runs").glob("*/train_config.json")):
+        c = json.loads(path.read_text())
+        trained.append(
+            key(c["balance"], c["aux_alpha"], c["bias_update_rate"], c["bias_update"], c["bias_update_schedule"])
+        )
+    assert len(trained) == len(reported) == 7 and sorted(trained) == reported
+
+
 def test_mtp_quick(suite):
     r = suite[1]["mtp"]
     for k in ("val_loss_mtp", "val_loss_no_mtp", "speculative_speedup", "greedy_tok_s", "speculative_tok_s"):
