@@ -117,43 +117,6 @@ def test_mtp_quick(suite):
     assert finite(r["speculative_speedup_decode_only"])  # beside the wall-time one, which includes the prefill
 
 
-def test_mtp_bench_pools_acceptance_over_drafts_as_the_decode_bench(monkeypatch):
-    """Two prompts, one with 1 speculative step (accepted), one with 3 (none accepted): pooled 1/4, not the
-    per-prompt mean 1/2."""
-    from types import SimpleNamespace
-
-    import torch
-
-    import nanoseek.bench.mtp as mtp
-
-    def gen(rate=None, steps=0):
-        return SimpleNamespace(
-            tokens=[[1, 2, 3]],
-            new_tokens=3,
-            prefill_s=0.5,
-            decode_s=1.0,
-            extra={"speculative_steps": steps} if steps else {},
-            acceptance_rate=rate,
-            acceptance_per_position=[rate],
-            tokens_per_forward=None if rate is None else 1 + rate,
-        )
-
-    # two warm-up calls, then plain and speculative per prompt
-    queue = [gen(), gen(0.5, 1), gen(), gen(1.0, 1), gen(), gen(0.0, 3)]
-
-    class FakeEngine:
-        def __init__(self, *a, **k):
-            pass
-
-        def generate(self, *a, **k):
-            return queue.pop(0)
-
-    monkeypatch.setattr(mtp, "Engine", FakeEngine)
-    r = mtp.engine_decode_bench(torch.nn.Linear(1, 1), [torch.tensor([[5, 6]]), torch.tensor([[7, 8]])], 3)
-    assert r["acceptance_rate"] == 0.25 and r["tokens_per_forward"] == 1.25 and not queue
-    assert r["speedup"] == 1.0 and r["same_tokens_fraction"] == 1.0
-
-
 def test_train_quick(suite):
     r = suite[1]["train"]
     assert {x["precision"] for x in r["results"]} == {"fp32", "bf16"}

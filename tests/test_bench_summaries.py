@@ -104,25 +104,24 @@ def test_moe_curves_of_cumulative_time_and_flops():
     assert interp([0, 10], [1, 3], 11) is None
 
 
-def test_mtp_engine_bench_speedups_are_spec_over_plain(monkeypatch):
-    """Speculative generations decode 4x faster (0.25 s vs 1.0 s, prefill 0.5 s each): the wall-time speed-up
-    is (0.5 + 1.0) / (0.5 + 0.25) = 2, the decode-only one 1.0 / 0.25 = 4."""
+def fake_gen(decode_s=1.0, rate=None, steps=0):
+    """A Generation-like result: 3 new tokens, 0.5 s of prefill; acceptance fields as a speculative run sets them."""
+    return SimpleNamespace(
+        tokens=[[1, 2, 3]],
+        new_tokens=3,
+        prefill_s=0.5,
+        decode_s=decode_s,
+        extra={"speculative_steps": steps} if steps else {},
+        acceptance_rate=rate,
+        acceptance_per_position=[rate],
+        tokens_per_forward=None if rate is None else 1 + rate,
+    )
+
+
+def mtp_engine_bench(monkeypatch, queue: list) -> dict:
+    """`engine_decode_bench` over two prompts with an engine that returns `queue`'s generations in order (two
+    warm-up calls, then plain and speculative per prompt); all of them must be consumed."""
     import nanoseek.bench.mtp as mtp
-
-    def gen(decode_s, rate=None, steps=0):
-        return SimpleNamespace(
-            tokens=[[1, 2, 3]],
-            new_tokens=3,
-            prefill_s=0.5,
-            decode_s=decode_s,
-            extra={"speculative_steps": steps} if steps else {},
-            acceptance_rate=rate,
-            acceptance_per_position=[rate],
-            tokens_per_forward=None if rate is None else 1 + rate,
-        )
-
-    # two warm-up calls, then plain and speculative per prompt
-    queue = [gen(1.0), gen(0.25, 0.5, 1), gen(1.0), gen(0.25, 1.0, 1), gen(1.0), gen(0.25, 1.0, 1)]
 
     class FakeEngine:
         def __init__(self, *a, **k):
@@ -134,8 +133,25 @@ def test_mtp_engine_bench_speedups_are_spec_over_plain(monkeypatch):
     monkeypatch.setattr(mtp, "Engine", FakeEngine)
     r = mtp.engine_decode_bench(torch.nn.Linear(1, 1), [torch.tensor([[5, 6]]), torch.tensor([[7, 8]])], 3)
     assert not queue
+    return r
+
+
+def test_mtp_engine_bench_speedups_are_spec_over_plain(monkeypatch):
+    """Speculative generations decode 4x faster (0.25 s vs 1.0 s, prefill 0.5 s each): the wall-time speed-up
+    is (0.5 + 1.0) / (0.5 + 0.25) = 2, the decode-only one 1.0 / 0.25 = 4."""
+    g = fake_gen
+    r = mtp_engine_bench(monkeypatch, [g(1.0), g(0.25, 0.5, 1), g(1.0), g(0.25, 1.0, 1), g(1.0), g(0.25, 1.0, 1)])
     assert r["speedup"] == pytest.approx(2.0) and r["decode_only_speedup"] == pytest.approx(4.0)
     assert r["greedy_tok_s"] == pytest.approx(6 / 3.0) and r["speculative_tok_s"] == pytest.approx(6 / 1.5)
+
+
+def test_mtp_bench_pools_acceptance_over_drafts_as_the_decode_bench(monkeypatch):
+    """Two prompts, one with 1 speculative step (accepted), one with 3 (none accepted): pooled 1/4, not the
+    per-prompt mean 1/2."""
+    g = fake_gen
+    r = mtp_engine_bench(monkeypatch, [g(), g(1.0, 0.5, 1), g(), g(1.0, 1.0, 1), g(), g(1.0, 0.0, 3)])
+    assert r["acceptance_rate"] == 0.25 and r["tokens_per_forward"] == 1.25
+    assert r["speedup"] == 1.0 and r["same_tokens_fraction"] == 1.0
 
 
 def test_report_sections_put_each_value_in_its_column():
