@@ -160,10 +160,11 @@ def _check_jsonl(src: Source) -> None:
     """Parse every line of a .jsonl file once, up front, so that a bad line stops the run before training, with
     its line number, rather than at whatever step the stream reaches it (a repaired file then has another size
     and no longer matches the checkpoints)."""
+    whole = replace(src, start=0)  # line numbers count from the top of the file
     try:
         with open(src.path, "rb") as f:
             for line, raw in enumerate(f, start=1):
-                _jsonl_text(raw, replace(src, start=0), line)
+                _jsonl_text(raw, whole, line)
     except OSError as e:
         raise NanoseekError(f"cannot read {src.path}: {e.strerror}") from None
 
