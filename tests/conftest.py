@@ -1,5 +1,7 @@
+import atexit
 import os
 import random
+import shutil
 import tempfile
 
 import pytest
@@ -8,8 +10,11 @@ import torch
 from nanoseek.config import ModelConfig, get_preset
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# keep trained tokenizers out of the user's cache, but shared across the tests of one session
-os.environ.setdefault("NANOSEEK_CACHE", tempfile.mkdtemp(prefix="nanoseek-test-cache-"))
+# keep trained tokenizers out of the user's cache, but shared across the tests of one session; the session's own
+# folder is removed at exit (each pytest-xdist worker makes one; CI and reruns would otherwise pile them up in /tmp)
+if "NANOSEEK_CACHE" not in os.environ:
+    os.environ["NANOSEEK_CACHE"] = tempfile.mkdtemp(prefix="nanoseek-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NANOSEEK_CACHE"], ignore_errors=True)
 
 WORDS = [
     "def",
