@@ -135,3 +135,66 @@ def test_balance_ratio_maxvio_and_sampling_floor():
     # 1.8 * sqrt((1 - K/N) / (T K/N)) at T = 512, N = 16, K = 2
     assert bench_balance.sampling_floor(512, 16, 2) == pytest.approx(1.8 * math.sqrt(0.875 / 64))
     assert bench_balance.sampling_floor(512, 16, 2) == pytest.approx(0.2105, abs=1e-4)
+
+
+def balance_goals(monkeypatch, tmp_path, values: dict[str, tuple[float, float, float]]) -> dict[str, bool]:
+    """Run the balance bench with `train_one` stubbed: each arm's (MaxVio_global, val loss, MaxVio on training
+    rows) from `values` by balance kind ("loss-free" / the aux label / "none"); returns goal text -> met."""
+
+    def fake_train_one(opts, arm, seed, settings):
+        key = arm["label"] if arm["balance"] == "aux" else arm["balance"]
+        vg, vl, vt = values[key]
+        summary = dict(val_loss=vl, maxvio_global=vg, maxvio_global_train=vt, val_split_floor=0.03)
+        summary |= dict(train_sample_floor=0.01, train_sample_tokens=256, tokens=640, tokens_per_s=1.0)
+        evals = [{"step": 4, "maxvio_global": vg, "val_loss": vl, "val_tokens": 100}]
+        return common.Arm(arm["label"], seed, summary, [{"step": 4, "maxvio_batch": 0.5}], evals)
+
+    monkeypatch.setattr(bench_balance, "train_one", fake_train_one)
+    monkeypatch.setattr(bench_balance, "plot_lines", lambda *a, **k: None)
+    opts = BenchOptions(name="balance", quick=True, out=tmp_path)
+    res = bench_balance.run(opts, Report("balance", bench_balance.TITLE, opts))
+    return {g["goal"].split(" (")[0]: g["met"] for g in res["goals"]}
+
+
+def test_balance_goals_at_their_bounds(monkeypatch, tmp_path):
+    """Each goal holds exactly at its bound (MaxVio 0.05, aux / loss-free = 4, equal val loss) and fails just past
+    it; every loss-free arm is judged against every aux arm."""
+    met = balance_goals(
+        monkeypatch,
+        tmp_path,
+        {
+            "loss-free": (0.05, 3.0, 0.05),
+            "aux α=0.001": (0.2, 3.0, 0.1),
+            "aux α=0.01": (0.5, 3.1, 0.1),
+            "none": (1, 3, 1),
+        },
+    )
+    lf = "loss-free γ=0.001"
+    assert len(met) == 4 * 5  # 4 loss-free arms x (global, training rows, 2 ratios, val loss)
+    assert met[f"{lf}: MaxVio_global ≤ 0.05"] and met[f"aux α=0.001 MaxVio_global / {lf}'s"]
+    assert met[f"{lf}: val loss ≤ every aux arm's"] and all(met.values())
+    met = balance_goals(
+        monkeypatch,
+        tmp_path,
+        {
+            "loss-free": (0.051, 3.0, 0.06),
+            "aux α=0.001": (0.2, 2.99, 0.1),
+            "aux α=0.01": (1, 3.1, 1),
+            "none": (1, 3, 1),
+        },
+    )
+    assert not met[f"{lf}: MaxVio_global ≤ 0.05"] and not met[f"aux α=0.001 MaxVio_global / {lf}'s"]  # 3.92
+    assert met[f"aux α=0.01 MaxVio_global / {lf}'s"]  # 19.6
+    assert not met[f"{lf}: val loss ≤ every aux arm's"]  # one aux arm lower is enough to fail
+    assert not any(v for k, v in met.items() if k.startswith(f"{lf}: MaxVio on"))
+    met = balance_goals(
+        monkeypatch,
+        tmp_path,
+        {
+            "loss-free": (0.0, 3.0, 0.0),
+            "aux α=0.001": (0.2, 3.0, 0.1),
+            "aux α=0.01": (0.5, 3.1, 0.1),
+            "none": (1, 3, 1),
+        },
+    )
+    assert met[f"aux α=0.001 MaxVio_global / {lf}'s"]  # a perfectly balanced arm: the ratio is infinite, not an error
