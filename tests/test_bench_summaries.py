@@ -167,3 +167,69 @@ def test_report_sections_put_each_value_in_its_column():
     comm = secs["4. Communication"]
     assert comm[0][1:3] == [800, 2000]
     assert comm[2][1:3] == [2000, 4000]
+
+
+def mtp_bench_result(monkeypatch, tmp_path, val: tuple[float, float], eng: list[dict]) -> dict:
+    """The mtp bench's `run` with training and decoding stubbed: val losses (no MTP, MTP) for every seed, one
+    engine result per seed from `eng` (teacher-forced acceptance 0.5 + seed / 10; train tok/s 300 without MTP,
+    200 with)."""
+    import nanoseek.bench.mtp as mtp
+    from nanoseek.bench.common import Arm, BenchOptions, Report
+
+    def fake_train_arm(opts, slug, seed, keep=False, mtp_depth=0, **kw):
+        model = torch.nn.Linear(1, 1)
+        model.seed = seed
+        trainer = SimpleNamespace(model=model, val=[torch.zeros(2, 9, dtype=torch.long)]) if keep else None
+        summary = {"val_loss": val[mtp_depth], "tokens_per_s": 300.0 - 100 * mtp_depth, "tokens": 640}
+        summary |= {"val_mtp_loss": 4.0} if mtp_depth else {}
+        return Arm(slug, seed, summary, [{"step": 1, "loss": 5.0}], [{"step": 1, "val_loss": val[mtp_depth]}], trainer)
+
+    pending = list(eng)
+    monkeypatch.setattr(mtp, "train_arm", fake_train_arm)
+    monkeypatch.setattr(mtp, "capture_router", lambda m, on: None)
+    monkeypatch.setattr(mtp, "teacher_forced_acceptance", lambda m, b: 0.5 + m.seed / 10)
+    monkeypatch.setattr(mtp, "engine_decode_bench", lambda m, p, n: pending.pop(0))
+    monkeypatch.setattr(mtp, "plot_lines", lambda *a, **k: None)
+    opts = BenchOptions(name="mtp", quick=True, seeds=len(eng), out=tmp_path)
+    res = mtp.run(opts, Report("mtp", mtp.TITLE, opts))
+    assert not pending
+    return res
+
+
+def _eng(rate, speedup, same, tok_s=100.0):
+    return dict(
+        acceptance_rate=rate,
+        tokens_per_forward=None if rate is None else 1 + rate,
+        greedy_tok_s=tok_s,
+        speculative_tok_s=tok_s * speedup,
+        speedup=speedup,
+        decode_only_speedup=speedup + 0.5,
+        same_tokens_fraction=same,
+        prompts=2,
+        new_tokens=8,
+        dtype="bf16",
+    )
+
+
+def test_mtp_bench_averages_seeds_and_judges_goals_at_their_bounds(monkeypatch, tmp_path):
+    """Two seeds: the engine figures are averaged over seeds (a seed without any speculative step has no
+    acceptance and is left out of that mean only); the goals hold exactly at their bounds (Δ val loss 0.02,
+    99% same tokens) and the speed-up must be strictly above 1."""
+    r = mtp_bench_result(monkeypatch, tmp_path, (0.0, 0.02), [_eng(0.8, 1.2, 1.0), _eng(None, 0.8, 0.98)])
+    assert r["acceptance_rate"] == 0.8 and r["tokens_per_forward"] == 1.8
+    assert r["speculative_speedup"] == pytest.approx(1.0) and r["speculative_speedup_decode_only"] == 1.5
+    assert r["same_tokens_fraction"] == pytest.approx(0.99)
+    assert r["acceptance_rate_teacher_forced"] == pytest.approx(0.55)
+    assert r["val_loss_delta"] == 0.02 and r["val_loss_no_mtp"] == 0.0 and r["val_loss_mtp"] == 0.02
+    assert r["train_cost_ratio"] == 1.5 and r["seeds"] == 2
+    met = {g["goal"]: g["met"] for g in r["goals"]}
+    assert met["next-token val loss not worse by > 0.02 nats"]
+    assert met["speculative decoding reproduces greedy tokens"]
+    assert not met["speculative speed-up > 1"]
+    r = mtp_bench_result(monkeypatch, tmp_path, (0.0, 0.0201), [_eng(0.5, 1.01, 0.985)])
+    met = {g["goal"]: g["met"] for g in r["goals"]}
+    assert met == {
+        "next-token val loss not worse by > 0.02 nats": False,
+        "speculative decoding reproduces greedy tokens": False,
+        "speculative speed-up > 1": True,
+    }

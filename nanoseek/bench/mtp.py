@@ -103,7 +103,8 @@ def run(opts: BenchOptions, report: Report) -> dict:
         rows = torch.cat(list(a.trainer.val))
         prompts = [rows[i : i + 1, :prompt_len] for i in range(0, min(len(rows), n_prompts * 3), 3)][:n_prompts]
         eng.append(engine_decode_bench(model, prompts, n_new))
-        log(f"  engine: acceptance {eng[-1]['acceptance_rate']:.3f}, speed-up {eng[-1]['speedup']:.2f}x")
+        acc = eng[-1]["acceptance_rate"]  # None when no prompt reached a speculative step
+        log(f"  engine: acceptance {'n/a' if acc is None else f'{acc:.3f}'}, speed-up {eng[-1]['speedup']:.2f}x")
         a.trainer = None
         arms["MTP (D=1, λ=0.3)"].append(a)
 
