@@ -95,6 +95,17 @@ def _best(results: dict, key: str, value: float) -> None:
     results[key] = max(results.get(key, 0.0), value)
 
 
+def agreement(rows_a: list[list[int]], rows_b: list[list[int]]) -> float:
+    """Fraction of rows x positions where two arms' greedy tokens agree, each row counted up to its first
+    difference: after one differing token the two continuations condition on different text, so later matches
+    say nothing about the kernels (rounded to 4 digits)."""
+    same = total = 0
+    for x, y in zip(rows_a, rows_b, strict=False):
+        n = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y)))
+        same, total = same + n, total + len(x)
+    return round(same / max(total, 1), 4)
+
+
 def run(
     quick: bool = False, out_dir: str | Path | None = None, model: str | None = None, compile: bool | None = None
 ) -> dict:
@@ -216,14 +227,7 @@ def run(
         return max(have, key=tps.get) if have else None
 
     def agree(a: str, b: str) -> float | None:
-        """Fraction of rows x positions where two arms' greedy tokens agree (until the first difference)."""
-        if a not in tokens or b not in tokens:
-            return None
-        same = total = 0
-        for x, y in zip(tokens[a], tokens[b], strict=False):
-            n = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), len(x))
-            same, total = same + n, total + len(x)
-        return round(same / max(total, 1), 4)
+        return agreement(tokens[a], tokens[b]) if a in tokens and b in tokens else None
 
     theirs_best = best([f"transformers_{d}_b1" for d in ("fp32", "bf16")])
     eager_best = best([f"ours_{d}_b1" for d in ("fp32", "bf16")])

@@ -10,7 +10,7 @@ import torch
 from nanoseek.bench.moe import curves_of, interp
 from nanoseek.bench.report import sections
 from nanoseek.bench.throughput import batched_mm_bytes, summarise
-from nanoseek.bench_decode import Pooled, _best, _goal
+from nanoseek.bench_decode import Pooled, _best, _goal, agreement
 from nanoseek.config import get_preset
 
 
@@ -233,3 +233,11 @@ def test_mtp_bench_averages_seeds_and_judges_goals_at_their_bounds(monkeypatch, 
         "speculative decoding reproduces greedy tokens": False,
         "speculative speed-up > 1": True,
     }
+
+
+def test_greedy_agreement_counts_each_row_up_to_its_first_difference():
+    """Row 1 differs at position 1 (the equal position 2 after it does not count), row 2 agrees fully, row 3 is
+    one token short: (1 + 3 + 2) / 9."""
+    a = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert agreement(a, [[1, 0, 3], [4, 5, 6], [7, 8]]) == round(6 / 9, 4)
+    assert agreement(a, a) == 1.0 and agreement([], []) == 0.0
