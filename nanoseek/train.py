@@ -451,6 +451,7 @@ class Trainer:
                 f"--resume: {directory} was written with {show(state['layout'])}, this run has {show(layout)}; "
                 "resume with the same --pp/--ep/--dp-shard/--pp-schedule/--pp-microbatches settings"
             )
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.plan.load_optimizer_state(self.optimizer, state["optimizer"][self.plan.rank])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
@@ -458,6 +459,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        self._keep_new_hyperparameters(fresh)
         self.tokens_seen, self.nan_skips = state["tokens_seen"], state["nan_skips"]
         self.consecutive_nan, self.elapsed = state["consecutive_nan"], state["elapsed"]
         # drop metrics logged after this checkpoint (by a run that died before its next save, or by the run a
@@ -482,6 +484,28 @@ class Trainer:
                 self._set_aside(dropped)
             atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
             self._write_train_config()
+
+    def _keep_new_hyperparameters(self, fresh: list[dict]) -> None:
+        """Loading the optimizer and scheduler states restores the *checkpoint's* lr, weight decay and betas
+        (they live in the param groups and in the scheduler's base_lrs): put back this run's settings, so that
+        a rewind with a lower --lr trains with it, and recompute the current lr from the schedule."""
+        changed = {}
+        for group, new in zip(self.optimizer.param_groups, fresh):
+            for key in ("initial_lr", "weight_decay", "betas", "eps"):
+                old = group.get(key)
+                if isinstance(old, (list, tuple)):
+                    old = tuple(old)
+                if key in new and old != new[key]:
+                    changed.setdefault("lr" if key == "initial_lr" else key, (old, new[key]))
+                    group[key] = new[key]
+        sched = self.scheduler
+        sched.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        for group, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * f(sched.last_epoch)  # what LambdaLR computes at this step
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if changed and self.is_main:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            print(f"--resume: {what} from step {self.step + 1} on (the checkpoint had the former)", file=sys.stderr)
 
     def _set_aside(self, metrics: list[str]) -> None:
         """Resuming from an earlier checkpoint (a rewind) abandons the newer ones: move them and their metrics

@@ -166,6 +166,29 @@ def test_rewind_sets_newer_checkpoints_aside(tmp_path, corpus_dir):
     assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4, 5]
 
 
+def test_resume_trains_with_the_new_lr_weight_decay_and_betas(tmp_path, corpus_dir, capsys):
+    """The optimizer and scheduler states hold the lr, weight decay and betas they were built with; a resumed run
+    (e.g. a rewind to retry with a lower --lr) must use the new flags, with the lr recomputed from the schedule."""
+    from nanoseek.train import Trainer, lr_lambda
+
+    run = tmp_path / "run"
+    train(tc(tmp_path, corpus_dir, steps=4, save_every=2, eval_every=4, warmup_steps=2))
+    new = tc(tmp_path, corpus_dir, steps=4, save_every=4, eval_every=4, warmup_steps=2, lr=1e-4, weight_decay=0.3)
+    new.beta2, new.resume = 0.99, str(run / "checkpoints" / "step_0000002")
+    trainer = Trainer(new)
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.3, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in trainer.optimizer.param_groups)
+    f = lr_lambda(new)
+    assert trainer.scheduler.get_last_lr() == [1e-4 * f(2)] * 2
+    assert "--resume: lr 0.003 -> 0.0001, weight_decay 0.1 -> 0.3, betas (0.9, 0.95) -> (0.9, 0.99)" in (
+        capsys.readouterr().err
+    )
+    trainer.fit()
+    lrs = {r["step"]: r["lr"] for r in step_records(run)}
+    assert lrs[2] == pytest.approx(3e-3 * f(1)) and lrs[3] == pytest.approx(1e-4 * f(2))
+    assert lrs[4] == pytest.approx(1e-4 * f(3))
+
+
 def test_corrupt_checkpoint_files_are_one_line_errors(tmp_path, corpus_dir):
     run = tmp_path / "run"
     train(tc(tmp_path, corpus_dir, steps=3))
