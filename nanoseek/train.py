@@ -133,6 +133,12 @@ class Trainer:
             raise NanoseekError(
                 f"{self.out} already holds a run's checkpoints: continue it with --resume, or choose another --out"
             )
+        elif self.out.is_dir() and any(self.out.iterdir()) and not (self.out / "train_config.json").is_file():
+            # the run writes config.json, tokenizer files and metrics.jsonl here: an HF model directory or any
+            # other folder would be overwritten (a run directory that died before its first checkpoint is reused)
+            raise NanoseekError(f"--out {self.out} is a non-empty directory that is not a nanoseek run: choose another")
+        elif self.out.exists() and not self.out.is_dir():
+            raise NanoseekError(f"--out {self.out} is a file, not a directory")
 
         # data and tokenizer
         self.corpus = corpus_from_spec(tc.data) if tc.data else default_corpus()

@@ -139,6 +139,19 @@ def test_resume_edge_cases(tmp_path, corpus_dir):
         train(tc(tmp_path, corpus_dir, steps=2, resume="latest"))
     with pytest.raises(NanoseekError, match="already holds a run's checkpoints: continue it with --resume"):
         train(tc(tmp_path, corpus_dir, steps=3, seed=1))
+    # a fresh run writes config.json, tokenizer files and metrics here: any other non-empty folder is refused
+    other = tmp_path / "hf-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(NanoseekError, match="is a non-empty directory that is not a nanoseek run"):
+        train(tc(tmp_path, corpus_dir, steps=1, out=str(other)))
+    assert (other / "config.json").read_text() == "{}" and len(list(other.iterdir())) == 1
+    with pytest.raises(NanoseekError, match="is a file, not a directory"):
+        train(tc(tmp_path, corpus_dir, steps=1, out=str(other / "config.json")))
+    died = tmp_path / "died"  # a run that stopped before its first checkpoint starts over in place
+    train(tc(tmp_path, corpus_dir, steps=1, out=str(died)))
+    shutil.rmtree(died / "checkpoints")
+    assert train(tc(tmp_path, corpus_dir, steps=1, out=str(died)))["steps"] == 1
 
     ck = run / "checkpoints"
     (run / "metrics.jsonl").write_text(lines + '{}\n{"step": 4, "loss": 4.9')  # a stray line; one cut short
