@@ -140,7 +140,6 @@ def speculative_generate(
         hv, logits = engine.verify(torch.tensor([[seq[N], *drafts]]), N, main)
         a, nxt = accept_drafts(logits[0], drafts, qs, params, gen)
         steps += 1
-        committed += a + 1
         for j in range(a):
             accepted[j] += 1
 
@@ -152,12 +151,19 @@ def speculative_generate(
         new = [*drafts[:a], nxt]
         seq += new
         N += a + 1
-        for t in new:
-            if out.add(t):
-                done = True
-                break
+        committed, done = _commit(out, new, committed)
     t2 = time.perf_counter()
     return _result(engine, out, P, t1 - t0, t2 - t1, steps, committed, accepted, caches[: L + depths])
+
+
+def _commit(out: RowOutput, new: list[int], committed: int) -> tuple[int, bool]:
+    """Add a step's tokens to the output until it finishes; (tokens kept so far, finished). Tokens past the end
+    (max_new_tokens, EOS, a stop string) are dropped, so they do not count in tokens_per_forward."""
+    for t in new:
+        committed += 1
+        if out.add(t):
+            return committed, True
+    return committed, False
 
 
 def _result(engine, out: RowOutput, P: int, prefill_s, decode_s, steps, committed, accepted, caches) -> Generation:
@@ -208,13 +214,9 @@ def _greedy_one_depth(engine, prompt: list[int], k: int, out: RowOutput, main, m
         target, proposed = ids.tolist()  # the one host sync of a step
         a = leading_matches(drafts, target)
         steps += 1
-        committed += a + 1
         for j in range(a):
             accepted[j] += 1
-        for t in target[: a + 1]:
-            if out.add(t):
-                done = True
-                break
+        committed, done = _commit(out, target[: a + 1], committed)
         N, pending = N + a + 1, target[a]
         drafts, g = [proposed[a]], g_all[:, a : a + 1]
     t2 = time.perf_counter()
