@@ -20,6 +20,7 @@ Legend: B batch, P (padded) prompt length, T new tokens in a forward, V vocabula
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -312,9 +313,9 @@ class Engine:
 
         `speculative=k` drafts k tokens per step with the model's MTP modules (batch 1 only).
         `on_text(row, text)` receives streamed text as it becomes printable (needs a tokenizer)."""
-        if isinstance(prompts, torch.Tensor):  # [P] ids, or [B, P] (a batch of equal-length prompts)
+        if hasattr(prompts, "tolist"):  # a tensor or numpy array: [P] ids, or [B, P] (equal-length prompts)
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
         if not ids:
@@ -350,7 +351,7 @@ class Engine:
             return self._generate_plain(ids, max_new_tokens, sampling, rows)
 
     def _generate_plain(self, ids, max_new_tokens, sampling, rows) -> Generation:
-        gen = None if sampling.greedy else sampling.generator()
+        gen = None if sampling.greedy else [sampling.generator(i) for i in range(len(ids))]  # one per row
         t0 = time.perf_counter()
         tokens, st = self.start(ids, capacity=max(len(p) for p in ids) + max_new_tokens)
         _, logits = self.forward(tokens, st)

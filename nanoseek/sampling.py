@@ -44,10 +44,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self) -> torch.Generator:
+    def generator(self, row: int = 0) -> torch.Generator:
+        """The generator of batch row `row`, seeded with seed + row: a row's tokens then depend only on its own
+        prompt and index (row i decodes as its prompt alone with seed + i), never on the other rows."""
         g = torch.Generator()
         if self.seed is not None:
-            g.manual_seed(self.seed)
+            g.manual_seed(self.seed + row)
         else:
             g.seed()
         return g
@@ -71,13 +73,19 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return p.float()
 
 
-def draw(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of p [..., V] -> ids [...]."""
+def draw(p: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of p [..., V] -> ids [...]; with a list of generators, row i draws from generator i."""
     flat = p.reshape(-1, p.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(p.shape[:-1])
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(flat, 1, generator=generator).view(p.shape[:-1])
+    if len(generator) != len(flat):
+        raise ValueError(f"{len(generator)} generators for {len(flat)} rows")
+    return torch.cat([torch.multinomial(r[None], 1, generator=g) for r, g in zip(flat, generator)]).view(p.shape[:-1])
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> torch.Tensor:
     """logits [..., V] -> token ids [...] (argmax when greedy)."""
     if params.greedy:
         return logits.argmax(dim=-1)
