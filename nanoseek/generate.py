@@ -8,7 +8,8 @@ Text streams to stdout as it is generated (a summary line goes to stderr); `--js
 instead, last. Several `--prompt`s are decoded as one batch (printed at the end, not streamed; `--json` gives
 per-prompt lists; not with `--speculative`). `--chat` reads prompts from stdin, one per line (a `--prompt` is
 the first turn), and keeps the conversation: each turn's prompt is the whole conversation so far (plain
-concatenation, no chat template; the oldest tokens are dropped when it would not fit the context). Prompts
+concatenation, no chat template; each turn and reply ends with a newline, as on the screen; the oldest tokens
+are dropped when it would not fit the context). Prompts
 must be valid UTF-8; anything else is an error, not a guess.
 """
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
         raise NanoseekError("--speculative mtp decodes one prompt at a time: give a single --prompt")
     if args.draft_tokens is not None and args.speculative != "mtp":
         raise NanoseekError("--draft-tokens applies to --speculative mtp only")
-    k = (args.draft_tokens or 1) if args.speculative == "mtp" else 0
+    k = (1 if args.draft_tokens is None else args.draft_tokens) if args.speculative == "mtp" else 0
     if args.speculative == "mtp" and not 1 <= k <= args.max_new_tokens:
         raise NanoseekError(f"--draft-tokens must be in [1, --max-new-tokens = {args.max_new_tokens}], got {k}")
     prompts = [_stdin("the prompt on stdin") if p == "-" else _utf8(p, "--prompt") for p in prompts]
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> None:
         history = history[-room:]
         res = engine.generate(history, on_text=None if args.json else stream, **kw)
         history += [t for t in res.tokens[0] if t != engine.tokenizer.eos_id]
+        if not res.texts[0].endswith("\n"):  # the screen ends the reply's line: so does what the model reads
+            history += engine.tokenizer.encode("\n")
         _report(res, args, engine)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 import torch
 from conftest import micro_config, randomize_bias
@@ -177,6 +178,20 @@ def test_seeded_sampling_is_reproducible():
             for s in (7, 7, 8)
         ]
         assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_seeded_sampling_of_a_row_does_not_depend_on_its_batch():
+    """Row i samples with seed + i: it equals its prompt alone with that seed, whatever the other rows hold, and
+    a prompt repeated in one batch gets different samples."""
+    e = engine("fp32")
+    a, b = prompt(8), prompt(5, seed=2)
+    sp = lambda seed: SamplingParams(1.0, top_k=50, seed=seed)
+    both = e.generate([a, b], max_new_tokens=12, sampling=sp(7)).tokens
+    assert both[0] == e.generate(a, max_new_tokens=12, sampling=sp(7)).tokens[0]
+    assert both[1] == e.generate(b, max_new_tokens=12, sampling=sp(8)).tokens[0]
+    assert e.generate([a, prompt(3, seed=3)], max_new_tokens=12, sampling=sp(7)).tokens[0] == both[0]
+    same = e.generate([a, a], max_new_tokens=12, sampling=sp(7)).tokens
+    assert same[0] == both[0] and same[1] != same[0]
 
 
 def test_stop_strings_and_streaming(tok):
@@ -457,6 +472,13 @@ def test_acceptance_statistics_on_a_perfect_draft(mtp_layers, k):
     assert spec.main_forwards == 1 + -(-24 // (k + 1))  # the prefill, then k+1 tokens per forward
     sampled = e.generate(p, max_new_tokens=25, speculative=k, sampling=SamplingParams(1.0, seed=0))
     assert sampled.acceptance_rate > 0.95  # q == p up to rounding
+    # 26 tokens: after the first, 25 in ceil(25 / (k+1)) steps; the last step's drafts past the end are dropped
+    # and must not count as tokens per forward (all drafts are still right: the acceptance stays 1)
+    for sampling in (None, SamplingParams(1e-45, seed=0)):  # the one-call greedy loop and the general one
+        short = e.generate(p, max_new_tokens=26, speculative=k, sampling=sampling)
+        steps = -(-25 // (k + 1))
+        assert short.tokens == e.generate(p, max_new_tokens=26).tokens and short.main_forwards == 1 + steps
+        assert short.tokens_per_forward == pytest.approx(25 / steps) and short.acceptance_rate == 1.0
 
 
 def test_rejection_sampling_preserves_the_target_distribution():
@@ -532,6 +554,18 @@ def saved_model(tmp_path_factory, tok):
     return d
 
 
+def test_generate_into_a_closed_pipe_stops_quietly(saved_model):
+    """`nanoseek generate ... | head -c 3`: when stdout's reader has gone, the streamed text stops without a
+    BrokenPipeError traceback, with the exit status of a process killed by SIGPIPE."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "nanoseek", "generate", "--model", str(saved_model), "--max-new-tokens", "20"]
+    args = [*cmd, "--prompt", "def", "--threads", "1"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first token is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_generate_cli_json_end_to_end(saved_model):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "nanoseek", "generate", "--model", str(saved_model), "--max-new-tokens", "6"]
@@ -586,6 +620,7 @@ def test_generate_cli_refuses_bad_flags_in_one_line(saved_model, capsys, monkeyp
         ("--draft-tokens", "2"): "--draft-tokens applies to --speculative mtp only",
         ("--speculative", "mtp", "--draft-tokens", "-4"): "--draft-tokens must be in [1, --max-new-tokens = 4], got -4",
         ("--speculative", "mtp", "--draft-tokens", "100000"): "must be in [1, --max-new-tokens = 4], got 100000",
+        ("--speculative", "mtp", "--draft-tokens", "0"): "--draft-tokens must be in [1, --max-new-tokens = 4], got 0",
         ("--temperature", "nan"): "temperature must be a finite number >= 0, got nan",
         ("--prompt", "abc\udcff"): "--prompt is not valid UTF-8 (at position 3)",  # argv's escape of byte 0xff
         ("--prompt", "y", "--speculative", "mtp"): "--speculative mtp decodes one prompt at a time",
@@ -671,6 +706,33 @@ def test_generate_cli_chat_keeps_the_newest_tokens(tok, capsys, monkeypatch, tmp
     assert out["prompt_tokens"] == 28 and out["tokens"] == newest
 
 
+def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeypatch, tmp_path):
+    """The next turn's prompt is the previous prompt, the reply's tokens, a newline ending the reply's line (as
+    printed) and the user's new line."""
+    import io
+
+    from nanoseek.cli import main
+
+    torch.manual_seed(0)
+    save_model(Transformer(micro()), tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    seen = []
+    real = Engine.generate
+
+    def recording(self, prompts, **kw):
+        seen.append(list(prompts))
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    argv = ["generate", "--model", str(tmp_path), "--max-new-tokens", "3", "--dtype", "fp32", "--ignore-eos"]
+    assert main([*argv, "--chat", "--json", "--prompt", "def main("]) == 0
+    first, second = (json.loads(ln) for ln in capsys.readouterr().out.splitlines())
+    assert not first["text"].endswith("\n")  # the case where the newline must be added
+    assert seen[1] == seen[0] + first["tokens"] + tok.encode("\n") + tok.encode("hello\n")
+    assert seen[0] == tok.encode("def main(\n") and second["prompt_tokens"] == len(seen[1])
+
+
 def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):
     """`nanoseek bench decode --quick` end to end on a micro model: every arm ran, and the greedy tokens of
     our fp32 engine equal transformers' and plain == speculative (the arms measure the same decoding)."""
@@ -737,3 +799,6 @@ def test_engine_api_input_errors_and_tensor_prompts():
     want = eng.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=4).tokens
     assert eng.generate(torch.tensor([1, 2, 3]), max_new_tokens=4).tokens == want[:1]
     assert eng.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), max_new_tokens=4).tokens == want
+    assert eng.generate(np.array([1, 2, 3]), max_new_tokens=4).tokens == want[:1]  # numpy ids and arrays
+    assert eng.generate([np.int64(1), np.int64(2), np.int64(3)], max_new_tokens=4).tokens == want[:1]
+    assert eng.generate(np.array([[1, 2, 3], [4, 5, 6]]), max_new_tokens=4).tokens == want
