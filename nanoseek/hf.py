@@ -230,8 +230,10 @@ class _Checkpoint:
         if index.exists():
             try:
                 wmap = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise NanoseekError(f"{index}: unreadable index ({e})") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise NanoseekError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+            if not isinstance(wmap, dict) or not all(isinstance(f, str) for f in wmap.values()):
+                raise NanoseekError(f"{index}: weight_map must map tensor names to file names")
             self.where = {k: path / f for k, f in wmap.items()}
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -239,7 +241,7 @@ class _Checkpoint:
                 raise NanoseekError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
             self.where = {}
             for f in files:
-                with safe_open(f, "pt") as h:
+                with self._open(f) as h:
                     self.where.update({k: f for k in h.keys()})  # noqa: SIM118 (safe_open has no __iter__)
         missing_files = sorted({str(f.name) for f in self.where.values() if not f.exists()})
         if missing_files:
@@ -250,12 +252,23 @@ class _Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    @staticmethod
+    def _open(f: Path):
+        """safe_open with a one-line error for a truncated or corrupt file (a partial download)."""
+        try:
+            return safe_open(f, "pt")
+        except Exception as e:  # SafetensorError, OSError: whatever a broken file raises
+            raise NanoseekError(f"cannot read {f}: {e}") from None
+
     def _raw(self, key: str) -> torch.Tensor:
         f = self.where[key]
         if f not in self._handles:
-            self._handles[f] = safe_open(f, "pt")
+            self._handles[f] = self._open(f)
         self.used.add(key)
-        return self._handles[f].get_tensor(key)
+        try:
+            return self._handles[f].get_tensor(key)
+        except Exception as e:  # the index names a file that does not hold the tensor, or the data is cut short
+            raise NanoseekError(f"cannot read {key} from {f}: {e}") from None
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor as fp32 (FP8 weights are dequantised with their 128x128 `_scale_inv`)."""
@@ -340,7 +353,10 @@ def load_pretrained(
             hk = f"model.layers.{L + k}.{sub}"
             if hk in ckpt:
                 t = ckpt.get(hk).to(device=device, dtype=dtype)
-                if main in sd and not torch.equal(t, sd[main]):
+                shape = tuple(expected[main].shape)
+                if tuple(t.shape) != shape:  # a copy of another shape cannot be the layer's own weight
+                    misshaped.append(f"{hk} {tuple(t.shape)} (expected {shape})")
+                elif main in sd and not torch.equal(t, sd[main]):
                     own[f"{k}.{sub}"] = t
 
     unexpected = sorted(k for k in ckpt.where if k not in ckpt.used and not k.endswith("_scale_inv"))

@@ -369,6 +369,25 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "unexpected keys (1): model.layers.1.mlp.surprise" in msg
     msg = broken(lambda sd: sd.update({"model.norm.weight": torch.ones(63)}))
     assert "mis-shaped (1): model.norm.weight (63,) (expected (64,))" in msg
+    # the MTP layer's own copy of the head must have the head's shape (not be kept as a different weight)
+    msg = broken(lambda sd: sd.update({"model.layers.3.shared_head.head.weight": torch.ones(300, 64)}))
+    assert "mis-shaped (1): model.layers.3.shared_head.head.weight (300, 64) (expected (256, 64))" in msg
+    f.write_bytes(f.read_bytes()[:-100])  # a partial download
+    with pytest.raises(NanoseekError, match=f"cannot read {f}"):
+        load_pretrained(tmp_path)
+    save_file(good, str(f))
+    index = tmp_path / "model.safetensors.index.json"  # an index that sends a tensor to the wrong shard
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(other))
+    wmap = {k: "model.safetensors" for k in good} | {"model.norm.weight": "other.safetensors"}
+    index.write_text(json.dumps({"weight_map": wmap}))
+    with pytest.raises(NanoseekError, match=f"cannot read model.norm.weight from {other}"):
+        load_pretrained(tmp_path)
+    index.write_text(json.dumps({"weight_map": list(good)}))
+    with pytest.raises(NanoseekError, match="weight_map must map tensor names to file names"):
+        load_pretrained(tmp_path)
+    index.unlink()
+    other.unlink()
     (tmp_path / "config.json").unlink()
     with pytest.raises(NanoseekError, match=r"no config\.json"):
         load_pretrained(tmp_path)
