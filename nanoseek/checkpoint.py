@@ -142,9 +142,12 @@ def resolve(path: str | Path) -> tuple[str, Path]:
     weights = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
     if cfg.exists() and weights:
         try:
-            kind = "native" if json.loads(cfg.read_text()).get("format") == FORMAT else "hf"
+            d = json.loads(cfg.read_text())
         except (OSError, ValueError) as e:
             raise NanoseekError(f"cannot read {cfg}: {e}") from None
+        if not isinstance(d, dict):
+            raise NanoseekError(f"{cfg}: expected a JSON object, got {type(d).__name__}")
+        kind = "native" if d.get("format") == FORMAT else "hf"
         return kind, path
     ckpts = list_checkpoints(path)
     if ckpts:

@@ -80,6 +80,16 @@ _FP8_SUFFIXES = (
 # --- config --------------------------------------------------------------------------------------------------
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig from a DeepSeek-V2/V3 config.json (either dialect)."""
+    if not isinstance(d, dict):
+        raise NanoseekError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return _config_from_hf(d, source)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a field of the wrong type or a missing one
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise NanoseekError(f"{source}: malformed DeepSeek config ({what})") from None
+
+
+def _config_from_hf(d: dict, source: str) -> ModelConfig:
     # V2/V2-Lite ship model_type deepseek_v2, V3/R1 deepseek_v3; V3-architecture derivatives (e.g. Kimi K2) keep
     # the architecture name. Anything else would silently get V3's defaults for every missing field.
     mtype, archs = d.get("model_type"), d.get("architectures")
@@ -109,6 +119,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     if d.get("initializer_range") is not None:
         kw["init_std"] = d["initializer_range"]  # (validated by ModelConfig)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise NanoseekError(f"{source}: rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if "rope_theta" in rope:
         kw["rope_theta"] = rope["rope_theta"]
@@ -129,7 +141,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     kw["name"] = d.get("_name_or_path") or "hf"
     kw["attn_impl"] = "absorb"  # the latent cache: what large checkpoints need (a runtime switch anyway)
     # nanoseek's own fields that no HF key carries (written by `config_to_hf`; transformers ignores the key)
-    cfg, extra = ModelConfig(**kw), d.get(NANOSEEK_KEY) or {}
+    cfg, extra = ModelConfig.from_dict(kw, source), d.get(NANOSEEK_KEY) or {}
     if not isinstance(extra, dict):
         raise NanoseekError(f"{source}: {NANOSEEK_KEY!r} must be a JSON object, got {type(extra).__name__}")
     return ModelConfig.from_dict({**cfg.to_dict(), **extra}, f"{source} key {NANOSEEK_KEY!r}") if extra else cfg

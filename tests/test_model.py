@@ -406,6 +406,42 @@ def test_bad_config_files_and_thread_counts_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: --threads must be >= 1, got -1"
 
 
+def test_malformed_hf_configs_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    """Fields of the wrong type or shape in a config.json are one error line naming the file, not a traceback;
+    `info --config` also reads nanoseek's own config.json (with its "format" key)."""
+    from nanoseek.cli import main
+    from nanoseek.hf import config_from_hf, config_to_hf
+
+    good = config_to_hf(get_preset("tiny"))
+    cases = {
+        "rope_parameters": ({"rope_parameters": "yarn"}, "rope_parameters / rope_scaling must be a JSON object"),
+        "no factor": ({"rope_scaling": {"type": "yarn"}}, "missing field 'original_max_position_embeddings'"),
+        "factor": ({"rope_scaling": {"type": "yarn", "factor": "abc"}}, "ValueError: could not convert string"),
+        "mtp": ({"num_nextn_predict_layers": "x"}, "ValueError: invalid literal for int()"),
+        "hidden": ({"hidden_size": "big"}, "hidden_size"),
+    }
+    for name, (change, needle) in cases.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({**good, "rope_parameters": None, **change}))
+        assert main(["info", "--config", str(f)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {f}: ") and needle in err and err.count("\n") == 1, (name, err)
+    with pytest.raises(NanoseekError, match=r"cfg\.json: expected a JSON object, got list"):
+        config_from_hf([1, 2], "cfg.json")
+    from nanoseek.checkpoint import resolve
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("[1, 2]")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    with pytest.raises(NanoseekError, match=r"config\.json: expected a JSON object, got list"):
+        resolve(model_dir)
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"format": "nanoseek", **get_preset("tiny").to_dict()}))
+    assert main(["info", "--config", str(own), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_total"] == 8_223_744  # tiny, as `info --preset tiny`
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
     """RMSNorm's custom backward (recomputes the normalised input) and the chunked cross-entropy (keeps the
