@@ -76,9 +76,10 @@ def cost_report(cfg: ModelConfig, seq_len: int = 4096) -> dict:
     matmul_active = pc["params_active"]
     attn = attn_flops_per_token(cfg, seq_len)
     fwd_main = 2 * matmul_active + cfg.num_hidden_layers * attn
-    # an MTP depth runs eh_proj + one block + the shared head (its embedding lookup is free)
+    # each MTP depth runs eh_proj + one block + the shared head (its embedding lookup is free); the modules'
+    # own active parameters are already summed over the D depths, the head and the attention are per depth
     head = cfg.hidden_size * cfg.vocab_size
-    fwd_mtp = cfg.num_nextn_predict_layers and (2 * (pc["params_mtp_active"] + head) + attn)
+    fwd_mtp = 2 * pc["params_mtp_active"] + cfg.num_nextn_predict_layers * (2 * head + attn)
     return {
         "preset": cfg.name,
         **pc,

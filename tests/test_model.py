@@ -1,5 +1,6 @@
 """Single-device model: MLA paths, MoE routing and kernels, caches, masks, MTP, presets, cost report."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -348,6 +349,10 @@ def test_v3_flops_per_token_follow_the_formulas(capsys):
     assert long["seq_len"] == 8192 and long["params_active"] == r["params_active"]
     assert long["forward_flops_per_token"] - r["forward_flops_per_token"] == 61 * A  # twice the keys: +A a layer
     assert long["train_flops_per_token"] - r["train_flops_per_token"] == 3 * 62 * A  # 61 layers + the MTP block
+    # D = 2 identical MTP depths cost twice one depth: its block, its attention and its pass through the head
+    r2 = cost_report(dataclasses.replace(get_preset("v3"), num_nextn_predict_layers=2), seq_len=4096)
+    assert r2["params_mtp_active"] == 2 * mtp
+    assert r2["train_flops_per_token"] == 3 * (r["forward_flops_per_token"] + 2 * 2 * (mtp + head) + 2 * A)
 
 
 def test_yarn_softmax_scale_matches_spec():
