@@ -14,13 +14,18 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
     if not f.exists():
         raise NanoseekError(f"{run}: no metrics.jsonl (not a training run directory)")
     steps, evals = [], []
-    for i, line in enumerate(f.read_text().splitlines(), 1):
+    lines = f.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except ValueError:
+            if i == len(lines):  # a line being written by a live run, or cut short by a kill (resume drops it)
+                continue
             raise NanoseekError(f"{f}:{i}: not valid JSON") from None
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            continue  # not a record of ours (as `--resume` reads the file)
         (evals if "val_loss" in r else steps).append(r)
     return steps, evals
 
@@ -83,11 +88,15 @@ def plot_run(run: str | Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:  # a read-only run directory, a full disk
+        raise NanoseekError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported anywhere
 import matplotlib.axes
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -117,3 +118,25 @@ def test_plot_run_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(dict(step=1, val_loss=3.0)) + "\n")
     with pytest.raises(NanoseekError, match="has no training steps yet"):
         nanoseek.plot.plot_run(tmp_path)
+
+
+def test_plot_reads_a_live_or_killed_run_and_reports_write_errors(tmp_path, monkeypatch):
+    """A last line cut short (a run being written, or killed mid-write) and records that are not ours are
+    skipped, as `--resume` skips them; a bad line before the end is still an error; a PNG that cannot be written
+    is one error line."""
+    run = write_run(tmp_path / "r")
+    good = (run / "metrics.jsonl").read_text().rstrip("\n")
+    (run / "metrics.jsonl").write_text(good + '\n[1, 2]\n{"note": "x"}\n{"step": 5, "loss": 2.')
+    steps, evals = nanoseek.plot.read_metrics(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.\n' + good + "\n")
+    with pytest.raises(NanoseekError, match=r"metrics\.jsonl:1: not valid JSON"):
+        nanoseek.plot.read_metrics(run)
+    (run / "metrics.jsonl").write_text(good + "\n")
+
+    def no_space(self, path, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
+    with pytest.raises(NanoseekError, match=r"cannot write .*loss\.png: No space left on device"):
+        nanoseek.plot.plot_run(run)
