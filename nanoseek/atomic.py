@@ -65,3 +65,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def free_space_note(path: str | Path) -> str:
+    """ ", N MiB free on its disk" for an error message about a failed write (libraries' own messages, e.g.
+    torch.save's "unexpected pos", rarely say that the disk is full); "" when it cannot be told."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            try:
+                return f" ({shutil.disk_usage(p).free / 2**20:,.0f} MiB free on its disk)"
+            except OSError:
+                return ""
+    return ""

@@ -22,8 +22,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, free_space_note
 from .errors import NanoseekError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -107,4 +108,6 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "fp32", fp8:
     except OSError as e:  # e.g. a parent that is a file, a read-only or full disk
         where = f" ({e.filename})" if e.filename else ""
         raise NanoseekError(f"cannot write {dst}: {e.strerror or e}{where}") from None
+    except SafetensorError as e:  # safetensors' own write errors (a full disk)
+        raise NanoseekError(f"cannot write {dst}: {e}{free_space_note(out)}") from None
     return dst

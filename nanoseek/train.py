@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
-from .atomic import atomic_dir, atomic_write_text
+from .atomic import atomic_dir, atomic_write_text, free_space_note
 from .balance import LossFreeBalancer, capture_router, maxvio, router_losses
 from .cli import set_threads
 from .config import ModelConfig, get_preset
@@ -419,7 +419,7 @@ class Trainer:
         except (OSError, RuntimeError, SafetensorError) as e:  # disk full, read-only, removed directory
             last = ckpt.list_checkpoints(self.out)
             intact = f"; the last complete checkpoint is {last[-1]}" if last else ""
-            raise NanoseekError(f"cannot write the checkpoint {target}: {e}{intact}") from None
+            raise NanoseekError(f"cannot write the checkpoint {target}: {e}{free_space_note(target)}{intact}") from None
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -486,10 +486,13 @@ class Trainer:
             if "val_loss" in rec:
                 self.last_eval = rec
         if self.is_main:
-            if self.newer_checkpoints:
-                self._set_aside(dropped)
-            atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
-            self._write_train_config()
+            try:
+                if self.newer_checkpoints:
+                    self._set_aside(dropped)
+                atomic_write_text(mfile, "".join(ln + "\n" for ln in keep))
+                self._write_train_config()
+            except OSError as e:  # a read-only or full disk: the run could not log or checkpoint either
+                raise NanoseekError(f"--resume: cannot write the run directory {self.out}: {e.strerror or e}") from None
 
     def _keep_new_hyperparameters(self, fresh: list[dict]) -> None:
         """Loading the optimizer and scheduler states restores the *checkpoint's* lr, weight decay and betas

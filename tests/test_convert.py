@@ -164,6 +164,22 @@ def test_convert_replaces_the_destination_atomically_and_reports_errors(run_dir,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_convert_onto_a_full_disk_is_one_line(run_dir, tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own exception type (not OSError): still one line, with the free
+    space, and no temporary directory left behind."""
+    from safetensors import SafetensorError
+
+    import nanoseek.hf
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(nanoseek.hf, "save_pretrained", full)
+    with pytest.raises(NanoseekError, match=r"cannot write .*out: .*No space left on device\) \([\d,]+ MiB free"):
+        convert(run_dir[0], tmp_path / "out", to="hf")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no out, no temporary directory
+
+
 def stored_dtypes(path) -> dict[str, str]:
     """The dtype each tensor is stored in, as safetensors names it (BF16, F32, ...)."""
     from safetensors import safe_open

@@ -114,7 +114,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, corpus_dir, monkey
         raise RuntimeError("killed mid-save")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(NanoseekError, match=f"killed mid-save; the last complete checkpoint is {first}"):
+    # the disk's free space is named: torch.save's own message for a full disk ("unexpected pos") does not say so
+    with pytest.raises(
+        NanoseekError,
+        match=rf"killed mid-save \([\d,]+ MiB free on its disk\); the last complete checkpoint is {first}",
+    ):
         t.save()
     from nanoseek.checkpoint import list_checkpoints, load_model
 
@@ -160,6 +164,19 @@ def test_resume_edge_cases(tmp_path, corpus_dir):
     s = train(tc(tmp_path, corpus_dir, steps=4, resume="latest"))
     assert s["steps"] == 4 and sorted(p.name for p in ck.iterdir()) == ["step_0000003", "step_0000004"]
     assert [r["step"] for r in step_records(run)] == [1, 2, 3, 4]
+
+
+def test_resume_onto_a_read_only_run_directory_is_one_line(tmp_path, corpus_dir, monkeypatch):
+    import nanoseek.train as tr
+
+    train(tc(tmp_path, corpus_dir, steps=2, save_every=2, eval_every=2))
+
+    def read_only(path, text):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tr, "atomic_write_text", read_only)
+    with pytest.raises(NanoseekError, match=r"--resume: cannot write the run directory .*: Read-only file system"):
+        train(tc(tmp_path, corpus_dir, steps=3, resume="latest"))
 
 
 def test_rewind_sets_newer_checkpoints_aside(tmp_path, corpus_dir):
