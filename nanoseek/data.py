@@ -512,7 +512,7 @@ class TokenStream:
         if rows != self.shuffle_rows:
             raise NanoseekError(
                 f"the checkpoint's data stream shuffles windows of {rows} rows, this run {self.shuffle_rows} "
-                "(--shuffle-rows must match to resume)"
+                "(--shuffle-rows must match to resume; its default follows --seq-len)"
             )
         self._load_stream_state(state)
         self._window, self._window_next, self._window_index = None, 0, -1

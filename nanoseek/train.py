@@ -118,6 +118,12 @@ class Trainer:
         self.newer_checkpoints: list[Path] = []  # a rewind's abandoned checkpoints, moved aside on resume
         if tc.resume is not None:
             self.out = run_dir_of(tc.resume, tc)
+            if tc.resume != "latest" and tc.out is not None and Path(tc.out).resolve() != self.out.resolve():
+                # the run continues in its own directory: an --out elsewhere would be recorded but never used
+                raise NanoseekError(
+                    f"--resume {tc.resume} continues the run in {self.out}, but --out is {tc.out}: drop --out "
+                    "(or copy the run directory there and resume the copy)"
+                )
             if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env
                 for line in ckpt.recover_interrupted_saves(self.out):
                     print(f"{self.out}: {line}", file=sys.stderr)
@@ -433,9 +439,15 @@ class Trainer:
         return out
 
     def _check_config(self, directory: Path) -> None:
-        saved = ckpt.read_config(directory)
-        if saved.to_dict() | {"name": ""} != self.cfg.to_dict() | {"name": ""}:
-            raise NanoseekError(f"--resume: the model settings differ from the checkpoint {directory}")
+        saved, now = ckpt.read_config(directory).to_dict(), self.cfg.to_dict()
+        diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in saved if k != "name" and saved[k] != now.get(k)]
+        if diff:
+            # e.g. an --override or --mtp-depth not given again, or a run without its train_config.json (the
+            # flags it was started with are then not replayed)
+            raise NanoseekError(
+                f"--resume: the model settings differ from the checkpoint {directory}: {', '.join(diff)} "
+                "(give the run's --preset/--override/--mtp-depth again)"
+            )
 
     def _load_state(self, directory: Path) -> None:
         try:

@@ -143,6 +143,8 @@ def test_resume_edge_cases(tmp_path, corpus_dir):
         train(tc(tmp_path, corpus_dir, steps=2, resume="latest"))
     with pytest.raises(NanoseekError, match="already holds a run's checkpoints: continue it with --resume"):
         train(tc(tmp_path, corpus_dir, steps=3, seed=1))
+    with pytest.raises(NanoseekError, match=r"differ from the checkpoint .*: num_nextn_predict_layers 1 -> 0 "):
+        train(tc(tmp_path, corpus_dir, steps=4, resume="latest", mtp_depth=0))
     # a fresh run writes config.json, tokenizer files and metrics here: any other non-empty folder is refused
     other = tmp_path / "hf-model"
     other.mkdir()
@@ -189,6 +191,8 @@ def test_rewind_sets_newer_checkpoints_aside(tmp_path, corpus_dir):
     ck = run / "checkpoints"
     train(tc(tmp_path, corpus_dir, steps=5, save_every=5, eval_every=5, lr=1e-3, resume=str(ck / "step_0000002")))
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000005"]
+    with pytest.raises(NanoseekError, match=f"continues the run in {run}, but --out is {tmp_path / 'other'}"):
+        train(tc(tmp_path, corpus_dir, steps=6, resume=str(ck / "step_0000005"), out=str(tmp_path / "other")))
     assert resolve(run)[1] == ck / "step_0000005"
     (aside,) = (run / "abandoned").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_0000004", "step_0000006"]
