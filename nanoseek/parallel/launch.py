@@ -286,6 +286,8 @@ class ParallelPlan:
             out: dict[str, torch.Tensor] = {}
             for p in parts:
                 out.update(p)
+            for mtp in wrapped.unused_mtp:  # the same on every rank (never trained): experts gathered over EP
+                out.update({f"mtp.{k}": v for k, v in ep_mod.gather_experts(mtp).items()})
             return out
         return ep_mod.gather_experts(wrapped)
 

@@ -173,6 +173,9 @@ class Pipeline(nn.Module):
         split = split_layers(model.cfg.num_hidden_layers, n_stages)
         mine = [r, n_stages - 1 - r] if schedule == "dualpipev" else [r]
         self.stages = nn.ModuleList([StageModule(model, s, n_stages, split[s], use_mtp) for s in sorted(mine)])
+        # MTP modules that no stage runs (training without MTP) still belong in checkpoints, unchanged; a plain
+        # list, so that they are not registered as this module's parameters
+        self.unused_mtp = [] if use_mtp else [model.mtp]
         self.last_rank = 0 if schedule == "dualpipev" else pp - 1  # pp-group rank holding the loss
         last = self.stages[-1]
         # 1F1B: the first and last ranks sum their embedding gradients; the last one's copy is a "mirror"
