@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
@@ -124,9 +125,14 @@ class Trainer:
                     f"--resume {tc.resume} continues the run in {self.out}, but --out is {tc.out}: drop --out "
                     "(or copy the run directory there and resume the copy)"
                 )
-            if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env
+            # rank 0 repairs saves a kill interrupted; the others list the checkpoints only after that, or they
+            # could resume from an older step than rank 0 (a checkpoint set aside as .old is not listed)
+            distributed = init_distributed()
+            if not distributed or dist.get_rank() == 0:
                 for line in ckpt.recover_interrupted_saves(self.out):
                     print(f"{self.out}: {line}", file=sys.stderr)
+            if distributed:
+                dist.barrier()
             found = ckpt.list_checkpoints(self.out)
             if tc.resume != "latest" and Path(tc.resume).parent.name == "checkpoints":
                 self.newer_checkpoints = found[found.index(Path(tc.resume)) + 1 :] if Path(tc.resume) in found else []
@@ -432,8 +438,6 @@ class Trainer:
     def _gather_objects(self, obj) -> list:
         if not self.plan.distributed:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.plan.world if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out

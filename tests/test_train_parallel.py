@@ -2,6 +2,7 @@
 of EP=2, DP=2 and PP=2 runs equals the single-process run on the same global batch."""
 
 import json
+import time
 import warnings
 
 import pytest
@@ -58,6 +59,17 @@ def _rank_train(rank, world, out, corpus, kw):
             train(cfg(out, corpus, **kw))
         except NanoseekError as e:
             (out / f"rank{rank}.error").write_text(str(e))
+        return
+    if kw.pop("slow_recovery", False):  # rank 0's repair of an interrupted save takes a while
+        real = nanoseek.checkpoint.recover_interrupted_saves
+
+        def slow(run_dir):
+            time.sleep(1.5)
+            return real(run_dir)
+
+        nanoseek.checkpoint.recover_interrupted_saves = slow
+        trainer = Trainer(cfg(out, corpus, **kw))
+        (out / f"rank{rank}.resumed").write_text(trainer.resume_from.name)
         return
     train(cfg(out, corpus, **kw))
 
@@ -145,3 +157,14 @@ def test_failed_checkpoint_write_stops_every_rank_with_one_error(tmp_path, corpu
     run_local(_rank_train, 2, tmp_path / "run", corpus_dir, dict(batch_size=2, steps=1, disk_full=True))
     assert "cannot write the checkpoint" in (tmp_path / "run" / "rank0.error").read_text()
     assert (tmp_path / "run" / "rank1.error").read_text().startswith("rank 0 could not write the checkpoint")
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_repaired(tmp_path, corpus_dir):
+    """The newest checkpoint caught between a save's two renames (step_4 set aside as .old): rank 0 restores it
+    before any rank lists the checkpoints, so rank 1 does not resume from step 2 while rank 0 resumes from 4."""
+    kw = dict(ep=2, batch_size=2, steps=4, save_every=2, eval_every=4)
+    run_local(_rank_train, 2, tmp_path / "run", corpus_dir, kw)
+    ck = tmp_path / "run" / "checkpoints"
+    (ck / "step_0000004").rename(ck / ".step_0000004.old-123")
+    run_local(_rank_train, 2, tmp_path / "run", corpus_dir, dict(kw, steps=6, resume="latest", slow_recovery=True))
+    assert [(tmp_path / "run" / f"rank{r}.resumed").read_text() for r in (0, 1)] == ["step_0000004"] * 2
