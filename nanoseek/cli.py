@@ -106,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except NanoseekError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the same error: print it once
+        rank = os.environ.get("RANK", "0")
+        launch = sys.modules.get("nanoseek.parallel.launch")
+        if rank == "0":  # under torchrun every rank checks the same inputs and raises the same error: print it once
             print(f"error: {e}", file=sys.stderr)
+        elif launch is not None and launch.RANKS_CONNECTED and not e.echo:  # after joining: maybe this rank's alone
+            print(f"error: [rank {rank}] {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,4 +7,9 @@ without a traceback; everything else is a bug and keeps its traceback.
 
 
 class NanoseekError(Exception):
-    """A problem with the user's input, reported as one line."""
+    """A problem with the user's input, reported as one line. `echo=True` marks a rank's error that only repeats
+    what rank 0 reports (under torchrun): the CLI does not print it again."""
+
+    def __init__(self, message: str = "", echo: bool = False):
+        super().__init__(message)
+        self.echo = echo

@@ -406,7 +406,7 @@ class Trainer:
         # every rank learns whether rank 0 wrote it: the others would run on into the next collective and die
         # there with a transport traceback once rank 0 exits
         if not self.plan.all_ranks(failed is None):
-            raise failed or NanoseekError(f"rank 0 could not write the checkpoint {target}")
+            raise failed or NanoseekError(f"rank 0 could not write the checkpoint {target}", echo=True)
         return target
 
     def _write_checkpoint(self, target: Path, weights: dict, optim: list) -> None:

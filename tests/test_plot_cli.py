@@ -140,3 +140,26 @@ def test_plot_reads_a_live_or_killed_run_and_reports_write_errors(tmp_path, monk
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     with pytest.raises(NanoseekError, match=r"cannot write .*loss\.png: No space left on device"):
         nanoseek.plot.plot_run(run)
+
+
+def test_errors_off_rank_0_are_printed_once_the_ranks_have_connected(monkeypatch, capsys):
+    """Under torchrun every rank validates the same flags: only rank 0 prints such an error. Once the ranks have
+    joined, an error may be one rank's own (a file it cannot read): then it is printed, naming the rank."""
+    import nanoseek.parallel.launch as launch
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(launch, "RANKS_CONNECTED", False)
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(launch, "RANKS_CONNECTED", True)
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err == "error: [rank 1] --seq-len must be >= 1, got 0\n"
+
+    def echo(args):
+        raise NanoseekError("rank 0 could not write the checkpoint x", echo=True)
+
+    monkeypatch.setattr(nanoseek.plot, "plot_run", echo)
+    assert main(["plot", "x"]) == 2 and capsys.readouterr().err == ""  # rank 0 reports the cause itself
+    monkeypatch.setenv("RANK", "0")
+    assert main(["info", "--seq-len", "0"]) == 2
+    assert capsys.readouterr().err == "error: --seq-len must be >= 1, got 0\n"

@@ -36,7 +36,14 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     dist.init_process_group(backend or ("nccl" if cuda else "gloo"), **kw)
+    global RANKS_CONNECTED
+    RANKS_CONNECTED = True
     return True
+
+
+# set once this process has joined its peers: from then on an error may be this rank's own (`cli.main` prints
+# errors of ranks other than 0 only then; before it, every rank checks the same inputs and fails alike)
+RANKS_CONNECTED = False
 
 
 def clip_grad_norm_if_over(params, max_norm: float) -> torch.Tensor:
