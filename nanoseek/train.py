@@ -185,6 +185,7 @@ class Trainer:
             keep_freed_memory()
 
         # model, optimizer, schedule, balancing
+        self.cfg = self.plan.routing_config(self.cfg)  # node-limited routing, recorded in config.json
         torch.manual_seed(tc.seed)
         core = Transformer(self.cfg)
         self.use_mtp = bool(len(core.mtp)) and (tc.mtp_weight > 0 or tc.mtp_weight_late > 0)

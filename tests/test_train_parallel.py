@@ -94,6 +94,9 @@ def records(run):
         (dict(pp=2, pp_schedule="1f1b", pp_microbatches=2, balance="aux", aux_alpha=0.05), 4),
         # MTP off: no stage runs the MTP module, but the checkpoint still holds it (generate and --resume load it)
         (dict(pp=2, pp_schedule="1f1b", mtp_weight=0.0, mtp_weight_late=0.0), 4),
+        # node-limited routing (2 nodes of 1 rank, 1 node per token) is group-limited routing over 2 groups keeping
+        # 1: the single process trains with that config, and the run's checkpoint records it
+        (dict(ep=2, batch_size=2, ranks_per_node=1, max_nodes_per_token=1), 4),
     ],
 )
 def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, single_batch):
@@ -103,6 +106,8 @@ def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, s
         same.update(grad_accum=2, batch_size=single_batch // 2)
     else:
         same.update(batch_size=single_batch)
+    if kw.get("max_nodes_per_token"):
+        same["override"] = [*SMALL, "n_group=2", "topk_group=1"]
     train(cfg(tmp_path / "single", corpus_dir, **same))
     run_local(_rank_train, 2, tmp_path / "dist", corpus_dir, kw)
     (s_steps, s_evals), (d_steps, d_evals) = records(tmp_path / "single"), records(tmp_path / "dist")
@@ -126,6 +131,8 @@ def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, s
     a = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000003" / "model.safetensors"))
     b = load_file(str(tmp_path / "dist" / "checkpoints" / "step_0000003" / "model.safetensors"))
     assert a.keys() == b.keys()
+    configs = [json.loads((tmp_path / r / "config.json").read_text()) for r in ("single", "dist")]
+    assert configs[0] == configs[1]  # the routing the weights were trained with (node limits included)
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-4 * max(1.0, float(a[k].abs().max())), k
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ModelConfig
 from ..errors import NanoseekError
 from . import dp as dp_mod
 from . import ep as ep_mod
@@ -159,6 +160,17 @@ class ParallelPlan:
     @property
     def n_nodes(self) -> int:
         return max(1, self.ep // self.ranks_per_node)
+
+    def routing_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config the gates route with under this plan: node-limited routing (--max-nodes-per-token with EP
+        over several nodes) is group-limited routing over nodes, so it belongs in the model's config; a run
+        built from it saves it in config.json, and a single process then serves the model with the routing it
+        was trained with (V3's own config encodes its node limit the same way: n_group 8, topk_group 4)."""
+        if not (self.max_nodes_per_token and self.ep > 1):
+            return cfg
+        if self.ep % self.ranks_per_node and self.ranks_per_node % self.ep:
+            raise NanoseekError(f"--ranks-per-node {self.ranks_per_node} must divide ep {self.ep} (or vice versa)")
+        return ep_mod.node_limit_config(cfg, self.n_nodes, self.max_nodes_per_token)
 
     def wrap(self, model: nn.Module, device: torch.device | None = None, use_mtp: bool = True) -> nn.Module:
         """Apply node-limited routing, expert parallelism and pipeline stages to a built (and loaded) model,
