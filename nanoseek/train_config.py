@@ -221,6 +221,8 @@ def validate(tc: TrainConfig) -> None:
     for name in ("data", "tokenizer", "out", "resume"):  # e.g. an unset shell variable: "" is not "the default"
         if getattr(tc, name) is not None and not getattr(tc, name).strip():
             bad(f"{flag(name)} is empty (leave the flag out for its default)")
+    if tc.compile and tc.pp > 1:  # the pipeline schedule calls the stage modules, never the compiled loss
+        bad("--compile does not apply under --pp yet (the pipeline stages run eagerly): drop one of them")
     if tc.eval_tokens < tc.seq_len + 1:
         bad(f"--eval-tokens {tc.eval_tokens} must cover at least one sequence of --seq-len + 1 = {tc.seq_len + 1}")
     for kv in tc.override:

@@ -304,6 +304,7 @@ def test_more_bad_training_settings_are_rejected(tmp_path):
         (dict(grad_accum=0), "--grad-accum must be >= 1, got 0"),
         (dict(keep_last=0), "--keep-last must be >= 1, got 0"),
         (dict(resume=""), "--resume is empty"),
+        (dict(compile=True, pp=2), "--compile does not apply under --pp yet"),
     ]:
         with pytest.raises(NanoseekError) as e:
             validate(TrainConfig(**kw))
