@@ -119,12 +119,6 @@ class Trainer:
         self.newer_checkpoints: list[Path] = []  # a rewind's abandoned checkpoints, moved aside on resume
         if tc.resume is not None:
             self.out = run_dir_of(tc.resume, tc)
-            if tc.resume != "latest" and tc.out is not None and Path(tc.out).resolve() != self.out.resolve():
-                # the run continues in its own directory: an --out elsewhere would be recorded but never used
-                raise NanoseekError(
-                    f"--resume {tc.resume} continues the run in {self.out}, but --out is {tc.out}: drop --out "
-                    "(or copy the run directory there and resume the copy)"
-                )
             # rank 0 repairs saves a kill interrupted; the others list the checkpoints only after that, or they
             # could resume from an older step than rank 0 (a checkpoint set aside as .old is not listed)
             distributed = init_distributed()
@@ -139,6 +133,12 @@ class Trainer:
                 found = [p for p in found if p == Path(tc.resume)]
             if not found:
                 raise NanoseekError(f"--resume: no checkpoint found in {self.out}")
+            if tc.resume != "latest" and tc.out is not None and Path(tc.out).resolve() != self.out.resolve():
+                # the run continues in its own directory: an --out elsewhere would be recorded but never used
+                raise NanoseekError(
+                    f"--resume {tc.resume} continues the run in {self.out}, but --out is {tc.out}: drop --out "
+                    "(or copy the run directory there and resume the copy)"
+                )
             self.resume_from = found[-1]
         elif ckpt.list_checkpoints(self.out):
             # a fresh run here would mix its checkpoints with the old run's (the newest step wins when loading)
