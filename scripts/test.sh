@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q -n 2 "$@"  # two workers (pytest-xdist): the suite is CPU-bound, CI has 2 cores
