@@ -68,8 +68,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def free_space_note(path: str | Path) -> str:
-    """ ", N MiB free on its disk" for an error message about a failed write (libraries' own messages, e.g.
-    torch.save's "unexpected pos", rarely say that the disk is full); "" when it cannot be told."""
+    """Text like " (N MiB free on its disk)" for an error message about a failed write: libraries' own messages
+    (torch.save's "unexpected pos") rarely say that the disk is full. Empty when it cannot be told."""
     for p in (Path(path), *Path(path).parents):
         if p.exists():
             try:

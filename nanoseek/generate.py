@@ -9,8 +9,8 @@ instead, last. Several `--prompt`s are decoded as one batch (printed at the end,
 per-prompt lists; not with `--speculative`). `--chat` reads prompts from stdin, one per line (a `--prompt` is
 the first turn), and keeps the conversation: each turn's prompt is the whole conversation so far (plain
 concatenation, no chat template; each turn and reply ends with a newline, as on the screen; the oldest tokens
-are dropped when it would not fit the context). Prompts
-must be valid UTF-8; anything else is an error, not a guess.
+are dropped when it would not fit the context). Prompts must be valid UTF-8; anything else is an error, not a
+guess.
 """
 
 from __future__ import annotations
