@@ -32,6 +32,18 @@ def test_naive_equals_absorbed(q_lora, yarn):
     assert a.abs().max() > 0.1  # not trivially zero
 
 
+def test_naive_equals_absorbed_when_v_is_wider_than_qk():
+    """v_head_dim above qk_nope + qk_rope (a valid config): the naive path pads q and k, not v."""
+    cfg = tiny()
+    m = Transformer(tiny(v_head_dim=cfg.qk_head_dim + 8)).eval()
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        a = m(x)
+        m.set_attn_impl("absorb")
+        b = m(x)
+    assert (a - b).abs().max() < 1e-5 and a.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("attn", [("mla", "naive"), ("mla", "absorb"), ("gqa", "naive"), ("mha", "naive")])
 def test_cached_decode_equals_full_forward(attn):
     attn_type, impl = attn

@@ -37,11 +37,13 @@ ABSORB_FP8 = (
 
 
 def _sdpa(q, k, v, mask, causal: bool, scale: float, gqa: bool = False) -> torch.Tensor:
-    dv = v.shape[-1]
-    if dv != q.shape[-1]:
+    dv, dq = v.shape[-1], q.shape[-1]
+    if dv < dq:
         # The fused CPU kernels need equal q/k and v head dims (MLA: 192 vs 128); otherwise torch falls back
         # to the unfused math path (7x slower in fp32 here). Zero-padding v is exact: padded outputs are 0.
-        v = F.pad(v, (0, q.shape[-1] - dv))
+        v = F.pad(v, (0, dq - dv))
+    elif dv > dq:  # a config with v_head_dim > qk_head_dim: zero-pad q and k instead (q.k is unchanged)
+        q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
     o = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
     )
