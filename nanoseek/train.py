@@ -188,7 +188,9 @@ class Trainer:
         self.cfg = self.plan.routing_config(self.cfg)  # node-limited routing, recorded in config.json
         torch.manual_seed(tc.seed)
         core = Transformer(self.cfg)
-        self.use_mtp = bool(len(core.mtp)) and (tc.mtp_weight > 0 or tc.mtp_weight_late > 0)
+        # MTP runs when some step gives it a weight (--mtp-weight-late counts only with a drop step)
+        late = tc.mtp_weight_drop_step is not None and tc.mtp_weight_late > 0
+        self.use_mtp = bool(len(core.mtp)) and (tc.mtp_weight > 0 or late)
         if self.resume_from is not None:
             self._check_config(self.resume_from)
             core.load_state_dict(ckpt.read_weights(self.resume_from), strict=True)

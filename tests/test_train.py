@@ -300,6 +300,19 @@ def test_mtp_weight_drops_at_the_given_step(tmp_path, corpus_dir):
     assert [r["mtp_weight"] for r in step_records(tmp_path / "run")] == [0.3, 0.3, 0.1, 0.1]
 
 
+def test_mtp_weight_zero_turns_mtp_off(tmp_path, corpus_dir):
+    """--mtp-weight 0 without a drop step: no MTP forward (no mtp_loss), the MTP weights untouched, even though
+    --mtp-weight-late keeps its default 0.1 (it applies only after a --mtp-weight-drop-step)."""
+    from nanoseek.train import Trainer
+
+    t = Trainer(tc(tmp_path, corpus_dir, mtp_weight=0.0))
+    before = {k: v.clone() for k, v in t.core.state_dict().items() if k.startswith("mtp.")}
+    assert not t.use_mtp and t.train_step()["mtp_loss"] is None
+    assert all(torch.equal(v, t.core.state_dict()[k]) for k, v in before.items())
+    late = Trainer(tc(tmp_path / "b", corpus_dir, mtp_weight=0.0, mtp_weight_drop_step=2, out=str(tmp_path / "b")))
+    assert late.use_mtp  # weight 0.1 from step 2 on
+
+
 def test_loss_free_bias_lowers_an_overloaded_expert_and_maxvio_falls():
     cfg = get_preset("tiny", hidden_size=32, n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2)
     moe = MoE(cfg)
