@@ -38,6 +38,7 @@ from .cpu_malloc import keep_freed_memory
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
 from .errors import NanoseekError
 from .model import Transformer
+from .model.moe import Gate
 from .model.transformer import lm_cross_entropy
 from .parallel.launch import ParallelPlan, init_distributed
 from .tokenizer import Tokenizer, check_vocab_fits, get_tokenizer
@@ -212,6 +213,14 @@ class Trainer:
             self.model.set_balance_losses(self.seq_alpha, self.batch_alpha)
         capture_router(self.model, bool(self.seq_alpha or self.batch_alpha))
         self.bias_rate = tc.bias_update_rate if tc.balance == "loss-free" else 0.0
+        gates = [m for m in core.modules() if isinstance(m, Gate)]
+        if self.bias_rate and gates and all(g.e_score_correction_bias is None for g in gates) and self.is_main:
+            # the default --balance with a router that has no bias to move (V2's greedy/softmax gates)
+            print(
+                f"note: --balance loss-free needs a routing bias (topk_method noaux_tc); this model's is "
+                f"{self.cfg.topk_method}: no balancing (use --balance aux)",
+                file=sys.stderr,
+            )
         self.balancer = LossFreeBalancer(
             self.model, self.bias_rate, group=self.plan.counts_group, rule=tc.bias_update,
             stage_group=self.plan.pp_group if self.plan.pp > 1 else None,  # MaxVio over every stage's layers

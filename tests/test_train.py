@@ -300,6 +300,18 @@ def test_mtp_weight_drops_at_the_given_step(tmp_path, corpus_dir):
     assert [r["mtp_weight"] for r in step_records(tmp_path / "run")] == [0.3, 0.3, 0.1, 0.1]
 
 
+def test_loss_free_balancing_without_a_routing_bias_says_so(tmp_path, corpus_dir, capsys):
+    """A greedy router (V2 style) has no bias for the default --balance loss-free to move: a note, not silence."""
+    from nanoseek.train import Trainer
+
+    Trainer(tc(tmp_path, corpus_dir, override=[*SMALL, "topk_method=greedy"]))
+    assert "note: --balance loss-free needs a routing bias (topk_method noaux_tc); this model's is greedy" in (
+        capsys.readouterr().err
+    )
+    Trainer(tc(tmp_path / "b", corpus_dir, out=str(tmp_path / "b")))
+    assert "needs a routing bias" not in capsys.readouterr().err
+
+
 def test_mtp_weight_zero_turns_mtp_off(tmp_path, corpus_dir):
     """--mtp-weight 0 without a drop step: no MTP forward (no mtp_loss), the MTP weights untouched, even though
     --mtp-weight-late keeps its default 0.1 (it applies only after a --mtp-weight-drop-step)."""
