@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest.mock import patch
 
 import numpy as np
@@ -98,6 +99,8 @@ def test_exceeding_max_length_is_a_clear_error():
         e.generate([[]], max_new_tokens=3)
     with pytest.raises(NanoseekError, match="token ids"):
         e.generate([5, 300], max_new_tokens=3)
+    with pytest.raises(NanoseekError, match="max_new_tokens must be >= 1, got 0"):  # not one token generated anyway
+        e.generate(prompt(4), max_new_tokens=0)
 
 
 def test_kv_cache_bytes_match_the_formula():
@@ -115,6 +118,32 @@ def test_kv_cache_bytes_match_the_formula():
     # plain decoding does not allocate the MTP blocks' caches at all
     assert len(engine("bf16").start([p], capacity=8)[1].caches) == L
     assert len(engine("bf16").start([p], capacity=8, mtp=True)[1].caches) == L + D
+
+
+def test_a_cache_can_be_filled_to_its_last_slot():
+    """A prefill of exactly the cache's capacity fits (slots 0..7 of 8) and computes the uncached forward; one
+    token more is the capacity error."""
+    e = engine()
+    x = torch.tensor([prompt(8)])
+    with torch.inference_mode():
+        caches = e.model.make_caches(batch=1, max_len=8)
+        got = e.model(x, caches=caches)
+        assert (got - e.model(x)).abs().max() < 1e-5
+        with pytest.raises(NanoseekError, match="sequence length 9 exceeds the KV cache capacity 8"):
+            e.model(torch.tensor([prompt(9)]), caches=e.model.make_caches(batch=1, max_len=8))
+
+
+def test_generation_speeds():
+    """tokens_per_s counts every new token over prefill + decode time; decode_tokens_per_s leaves out each row's
+    first token (it comes from the prefill) and the prefill time."""
+    from nanoseek.engine import Generation
+
+    g = Generation([[1] * 5, [1] * 3], None, ["length"] * 2, [3, 3], prefill_s=1.0, decode_s=2.0, main_forwards=5,
+                   kv_cache_bytes_per_token=0)  # fmt: skip
+    assert g.new_tokens == 8
+    assert g.tokens_per_s == pytest.approx(8 / 3) and g.decode_tokens_per_s == pytest.approx(6 / 2)
+    d = g.to_dict()
+    assert d["tokens_per_s"] == 2.67 and d["decode_tokens_per_s"] == 3.0
 
 
 def test_bf16_engine_runs_and_mostly_agrees_with_fp32():
@@ -139,6 +168,12 @@ def test_sampling_filters():
     assert hot.max() < full.max() < cold.max()
     with pytest.raises(NanoseekError):
         SamplingParams(top_p=0.0)
+    three = torch.tensor([0.5, 0.3, 0.2]).log()
+    assert torch.allclose(probs(three, SamplingParams(1.0, top_k=10)), torch.tensor([0.5, 0.3, 0.2]))  # k > V: off
+    assert torch.allclose(probs(three, SamplingParams(1.0, top_k=3)), torch.tensor([0.5, 0.3, 0.2]))  # k = V: off
+    # top_p exactly reached by the tokens above: the next one is dropped (4 equal tokens, 0.75 = the first 3)
+    p = probs(torch.zeros(4), SamplingParams(1.0, top_p=0.75))
+    assert torch.allclose(p, torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
@@ -209,6 +244,11 @@ def test_stop_strings_and_streaming(tok):
     chunks = []
     res = e.generate(p, max_new_tokens=40, on_text=lambda row, s: chunks.append(s), ignore_eos=True)
     assert "".join(chunks) == res.texts[0] == tok.decode(res.tokens[0])
+    # a batch: each row's text is streamed under its own row index
+    rows = {0: [], 1: []}
+    q = tok.encode("import os\n")
+    res = e.generate([p, q], max_new_tokens=20, on_text=lambda row, s: rows[row].append(s), ignore_eos=True)
+    assert ["".join(rows[0]), "".join(rows[1])] == res.texts and all(res.texts) and res.texts[0] != res.texts[1]
 
 
 def test_text_stream_waits_for_whole_characters_and_hides_stop_strings(tok):
@@ -222,6 +262,28 @@ def test_text_stream_waits_for_whole_characters_and_hides_stop_strings(tok):
     chunks = [s.push([i]) for i in ids] + [s.finish()]
     assert "".join(chunks) == s.text == text[: text.index("STOP")] and s.stopped
     assert all("ST" not in c for c in chunks)
+
+
+def test_text_stream_flushes_only_the_held_back_tail_and_stops_at_the_first_stop_string():
+    """finish() returns just the text not yet emitted (an incomplete character as U+FFFD), not the emitted text
+    again; with several stop strings in the new text, the earliest one ends it."""
+    s = TextStream(lambda ids: bytes(ids).decode(errors="replace"))
+    assert s.push([97, 98]) == "ab" and s.push([0xC3]) == ""  # the first byte of a 2-byte character: held back
+    assert s.finish() == "\ufffd" and s.text == "ab\ufffd"
+    s = TextStream(lambda ids: "".join(map(chr, ids)), stop=["b", "c"])
+    assert s.push([ord(c) for c in "acdb"]) == "a" and s.text == "a" and s.stopped
+
+
+def test_row_ending_by_eos_or_stop_string_on_its_last_allowed_token():
+    """An EOS or a stop string arriving as exactly the max_new-th token is the finish reason, not "length"."""
+    r = RowOutput(2, eos_id=5)
+    assert r.add(1) is False and r.add(5) is True and r.finish_reason == "eos" and r.tokens == [1, 5]
+    assert r.add(7) is True and r.tokens == [1, 5]  # later ids are ignored
+    chars = SimpleNamespace(decode=lambda ids: "".join(map(chr, ids)))
+    r = RowOutput(2, None, chars, stop=["b"])
+    assert r.add(ord("a")) is False and r.add(ord("b")) is True and r.finish_reason == "stop" and r.text == "a"
+    r = RowOutput(2, None, chars, stop=["b"])
+    assert r.add(ord("a")) is False and r.add(ord("c")) is True and r.finish_reason == "length" and r.text == "ac"
 
 
 def with_eos(tok, eos_id, directory):
@@ -508,6 +570,20 @@ def test_rejection_sampling_preserves_the_target_distribution():
     assert (first / n - q[0]).abs().sum() / 2 > 0.1  # the drafts alone would have been detectably wrong
 
 
+def test_one_draft_speculative_sampling_samples():
+    """k = 1 (one MTP depth) with temperature 1 goes through the rejection-sampling loop, not the greedy
+    one-call path: seeded runs are reproducible, differ between seeds and from greedy decoding, and the first
+    token (from the prefill) is what plain sampling with the same seed draws."""
+    e = engine()
+    p = prompt(8)
+    greedy = e.generate(p, max_new_tokens=16).tokens[0]
+    runs = [e.generate(p, max_new_tokens=16, speculative=1, sampling=SamplingParams(1.0, seed=s)) for s in (0, 0, 1)]
+    assert runs[0].tokens == runs[1].tokens != runs[2].tokens
+    assert all(r.tokens[0] != greedy for r in runs)
+    plain = e.generate(p, max_new_tokens=16, sampling=SamplingParams(1.0, seed=0)).tokens[0]
+    assert runs[0].tokens[0][0] == plain[0]
+
+
 def test_speculative_errors():
     e = engine(num_nextn_predict_layers=0)
     with pytest.raises(NanoseekError, match="MTP"):
@@ -617,6 +693,7 @@ def test_generate_cli_refuses_bad_flags_in_one_line(saved_model, capsys, monkeyp
     bad = {
         ("--threads", "-2"): "--threads must be >= 1, got -2",
         ("--threads", "0"): "--threads must be >= 1, got 0",
+        ("--max-new-tokens", "0"): "--max-new-tokens must be >= 1, got 0",
         ("--draft-tokens", "2"): "--draft-tokens applies to --speculative mtp only",
         ("--speculative", "mtp", "--draft-tokens", "-4"): "--draft-tokens must be in [1, --max-new-tokens = 4], got -4",
         ("--speculative", "mtp", "--draft-tokens", "100000"): "must be in [1, --max-new-tokens = 4], got 100000",
@@ -651,7 +728,7 @@ def test_generate_cli_batch_chat_prompt_and_no_speculative_step(saved_model, tok
     assert batch["tokens"] == [s["tokens"] for s in singles] and batch["text"] == [s["text"] for s in singles]
     assert main([*base, "--prompt", "x = ", "--prompt", "def add("]) == 0
     out = capsys.readouterr().out
-    assert f"=== prompt 1 ===\n{singles[0]['text']}\n=== prompt 2 ===\n{singles[1]['text']}\n" in out
+    assert out == f"=== prompt 1 ===\n{singles[0]['text']}\n=== prompt 2 ===\n{singles[1]['text']}\n"  # not streamed
     # --chat: --prompt is the first turn, then stdin's lines
     monkeypatch.setattr(sys, "stdin", io.StringIO("def add(\n"))
     assert main([*base, "--chat", "--json", "--prompt", "x = "]) == 0
@@ -733,6 +810,38 @@ def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeyp
     assert seen[0] == tok.encode("def main(\n") and second["prompt_tokens"] == len(seen[1])
 
 
+def test_generate_cli_chat_history_leaves_out_the_eos(tok, capsys, monkeypatch, tmp_path):
+    """A reply that ended with the EOS: the EOS (in its tokens, not on the screen) is not part of the next
+    turn's prompt, which holds the reply's other tokens, the newline ending its line and the new line."""
+    import io
+
+    from nanoseek.cli import main
+
+    torch.manual_seed(0)
+    save_model(Transformer(micro()), tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    argv = ["generate", "--model", str(tmp_path), "--max-new-tokens", "12", "--dtype", "fp32", "--json"]
+    assert main([*argv, "--prompt", "def main(\n", "--ignore-eos"]) == 0
+    full = json.loads(capsys.readouterr().out)["tokens"]
+    avoid = set(tok.encode("def main(\n") + tok.encode("\nhello\n")) | set(range(tok.vocab_size, 300))
+    n = first_new(full, 2, avoid=avoid)
+    eos = with_eos(tok, full[n], tmp_path / "eos").eos_id
+    seen = []
+    real = Engine.generate
+
+    def recording(self, prompts, **kw):
+        seen.append(list(prompts))
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(Engine, "generate", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert main([*argv, "--chat", "--prompt", "def main(", "--tokenizer", str(tmp_path / "eos/tokenizer.json")]) == 0
+    first, _ = (json.loads(ln) for ln in capsys.readouterr().out.splitlines())
+    assert first["finish_reason"] == "eos" and first["tokens"] == full[: n + 1] and first["tokens"][-1] == eos
+    newline = [] if first["text"].endswith("\n") else tok.encode("\n")
+    assert seen[1] == seen[0] + full[:n] + newline + tok.encode("hello\n") and eos not in seen[1]
+
+
 def test_decode_bench_quick_on_a_saved_model(saved_model, tmp_path):
     """`nanoseek bench decode --quick` end to end on a micro model: every arm ran, and the greedy tokens of
     our fp32 engine equal transformers' and plain == speculative (the arms measure the same decoding)."""
@@ -795,6 +904,7 @@ def test_engine_api_input_errors_and_tensor_prompts():
         Engine(m, None, dtype="fp16")
     with pytest.raises(NanoseekError, match="top_k must be an integer"):
         SamplingParams(top_k=1.5)
+    assert Engine(m, None, dtype="fp32", max_len=16).max_len == 16  # the whole context is allowed
     eng = Engine(m, None, dtype="fp32")
     want = eng.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=4).tokens
     assert eng.generate(torch.tensor([1, 2, 3]), max_new_tokens=4).tokens == want[:1]
