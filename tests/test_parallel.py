@@ -83,6 +83,9 @@ def _ep_run(model, plan, x, y, max_norm=0.05, ddp=False):
     plan.sync_grads(w)
     loss = plan.mean_over_data(loss)
     norm = plan.clip_grad_norm_(w, max_norm)
+    # clipping again to a bound above the (now clipped) norm scales nothing: the grads below stay the reference's
+    again = plan.clip_grad_norm_(w, 1e3)
+    assert abs(float(again) - min(float(norm), max_norm)) < 1e-6, (float(again), float(norm))
     grads = gather_experts(w, {n: p.grad for n, p in w.named_parameters()}, grads=True)
     torch.optim.SGD(w.parameters(), lr=0.1).step()
     return w, loss, grads, norm
@@ -221,7 +224,15 @@ def test_traffic_accounting_and_node_limit_on_ranks():
 
 @pytest.mark.parametrize(
     "n_group,topk_group,max_nodes,changed",
-    [(8, 4, 2, True), (8, 2, 2, False), (4, 4, 1, True), (2, 1, 3, False), (2, 1, 2, False)],
+    [
+        (8, 4, 2, True),
+        (8, 2, 2, False),
+        (4, 4, 1, True),
+        (2, 1, 3, False),
+        (2, 1, 2, False),
+        (1, 1, 4, False),  # max_nodes == n_nodes: nothing to limit, whatever the groups
+        (8, 6, 4, False),
+    ],
 )
 def test_node_limited_gate(n_group, topk_group, max_nodes, changed):
     """32 experts on 8 simulated EP ranks of 2 per node (4 nodes): every token's experts span <= M nodes."""
@@ -237,6 +248,64 @@ def test_node_limited_gate(n_group, topk_group, max_nodes, changed):
     nodes = nodes_per_token(gate(x)[1], 32, 4)
     assert int(nodes.max()) <= min(max_nodes, 4)
     assert int(nodes_per_token(free(x)[1], 32, 4).max()) > max_nodes or max_nodes >= 3
+
+
+def test_fp8_dispatch_keeps_nonfinite_tiles_nonfinite():
+    """FP8 dispatch packs one exponent per 1x128 tile: a tile holding inf (or NaN) arrives as NaN throughout,
+    so the receiving rank sees the overflow instead of finite numbers; the other tiles are the FP8 rounding."""
+    from nanoseek.parallel.ep import fp8_pack, fp8_unpack
+
+    x = torch.randn(3, 256)
+    x[1, 5], x[2, 200] = float("inf"), float("nan")
+    packed = fp8_pack(x)
+    assert packed.shape == (3, 256 + 2) and packed.dtype == torch.uint8
+    y = fp8_unpack(packed, 256, torch.float32)
+    bad = torch.zeros(3, 2, dtype=torch.bool)
+    bad[1, 0] = bad[2, 1] = True
+    assert torch.equal(y.view(3, 2, 128).isnan().all(-1), bad)  # each bad tile is NaN in all 128 columns
+    ok = ~bad.repeat_interleave(128, dim=1)
+    assert y[ok].isfinite().all()
+    assert torch.equal(y[ok], fake_quant(x.nan_to_num(posinf=0.0), TILE_1x128, pow2_scale=True)[ok])
+
+
+def test_measure_overlap_reports_medians_of_timed_rounds(monkeypatch):
+    """`measure_overlap`'s arithmetic on fixed timings (collectives and the EP layer stubbed): the warm-up round
+    is dropped, each variant reports its median, hidden = (comm + compute - overlapped) / comm, and the layer's
+    chunks, mode and traffic counters are back as they were (its own forwards counted elsewhere)."""
+    from types import SimpleNamespace
+
+    from nanoseek.parallel import overlap
+    from nanoseek.parallel.ep import CommStats
+
+    class FakeEP(SimpleNamespace):
+        def __call__(self, x, idx, weights):
+            assert self.chunks == 2
+            self.ran = self.bench_mode or "overlapped"
+            self.stats.tokens += 1  # counted in the measurement's own stats, not the layer's
+
+    stats = CommStats(tokens=7, dispatch_bytes=100)
+    ep = FakeEP(chunks=1, bench_mode=None, stats=stats, group=None, ran=None)
+    monkeypatch.setattr(overlap, "comm_only", lambda ep, *a, **k: lambda: setattr(ep, "ran", "comm"))
+    base = {"comm": 2.0, "compute": 3.0, "serial": 5.0, "overlapped": 4.0}
+    rounds = {k: 0 for k in base}
+
+    def once(fn, group):  # the warm-up round takes 100 s, then 1x, 2x, 3x each variant's base time
+        fn()
+        r = rounds[ep.ran]
+        rounds[ep.ran] += 1
+        return 100.0 if r == 0 else base[ep.ran] * r
+
+    monkeypatch.setattr(overlap, "_once", once)
+    out = overlap.measure_overlap(ep, torch.zeros(4, 8), torch.zeros(4, 2), torch.zeros(4, 2), repeats=3)
+    assert rounds == {k: 4 for k in base}
+    assert (out["t_comm_s"], out["t_compute_s"], out["t_serial_s"], out["t_overlapped_s"]) == (4.0, 6.0, 10.0, 8.0)
+    assert out["hidden_fraction"] == pytest.approx((4 + 6 - 8) / 4)  # 0.5
+    assert out["hidden_fraction_serial"] == pytest.approx(0.0)  # (4 + 6 - 10) / 4
+    assert out["saved_vs_serial_fraction_of_comm"] == pytest.approx((10 - 8) / 4)
+    assert out["hidden_fraction_min"] == pytest.approx((2 + 3 - 4) / 2)  # the fastest rounds: 1x
+    assert out["repeats"] == 3
+    assert (ep.chunks, ep.bench_mode) == (1, None)
+    assert ep.stats is stats and (stats.tokens, stats.dispatch_bytes) == (7, 100)
 
 
 # --------------------------------------------------------------------------------- pipeline parallel
@@ -402,6 +471,8 @@ def _fsdp_worker(rank, world, ep):
         loss.backward()
     plan.sync_grads(w)
     norm = plan.clip_grad_norm_(w, 0.05)
+    # a second clip with a bound above the clipped norm leaves the shards as they are (no scaling up)
+    assert abs(float(plan.clip_grad_norm_(w, 1e3)) - min(float(norm), 0.05)) < 1e-6
     close(torch.tensor(plan.mean_over_data(loss), dtype=torch.float64), ref_loss.double(), "fsdp loss")
     close(norm, ref_norm, "fsdp grad norm")
     grads = gather_experts(w, {n: p.grad.full_tensor() for n, p in w.named_parameters()}, grads=True)

@@ -264,6 +264,26 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, corpus_dir, monkeypatch):
         t.train_step()
 
 
+def test_a_good_step_resets_the_nan_streak(tmp_path, corpus_dir, monkeypatch):
+    """--max-nan-skips counts consecutive bad steps: NaN, good, NaN, NaN with a limit of 3 trains on (2 in a
+    row at the end), while the total of skipped steps keeps counting."""
+    import nanoseek.train as tr
+
+    calls = {"n": 0}
+    real = tr.lm_losses
+
+    def nan_on_1_3_4(model, x, y, use_mtp):
+        calls["n"] += 1
+        loss, mtp = real(model, x, y, use_mtp)
+        return (loss * float("nan"), mtp) if calls["n"] in (1, 3, 4) else (loss, mtp)
+
+    monkeypatch.setattr(tr, "lm_losses", nan_on_1_3_4)
+    t = Trainer(tc(tmp_path, corpus_dir, max_nan_skips=3))
+    skipped = [t.train_step()["skipped"] for _ in range(4)]
+    assert skipped == [True, False, True, True]
+    assert (t.step, t.nan_skips, t.consecutive_nan) == (4, 3, 2)
+
+
 def test_a_skipped_step_leaves_no_expert_counts_behind(tmp_path, corpus_dir, monkeypatch):
     """The loads a NaN step routed are dropped with it: the next good step's loss-free update (and its logged
     loads) see that step's tokens only."""

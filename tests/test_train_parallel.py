@@ -1,5 +1,5 @@
 """`nanoseek train` under torch.distributed (forked gloo ranks, as torchrun would start them): the loss curve
-of EP=2, DP=2 and PP=2 runs equals the single-process run on the same global batch."""
+of EP=2, DP=2 and PP=2 (or 3) runs equals the single-process run on the same global batch."""
 
 import json
 import time
@@ -85,9 +85,15 @@ def records(run):
         (dict(ep=2, batch_size=2), 4),  # EP=2 also splits the data: 2 ranks x 2 rows == 4 rows on one process
         (dict(batch_size=1, grad_accum=2), 4),  # DP=2 (DDP, no_sync on the first micro-batch): 2 x 2 x 1 rows
         (dict(batch_size=1, grad_accum=2, dp_shard=True), 4),  # the same with FSDP2 (sharded weights and moments)
+        # DDP with MTP off: the MTP-only weights get no gradient, so DDP must not wait for them
+        (dict(batch_size=1, grad_accum=2, mtp_weight=0.0, mtp_weight_late=0.0), 4),
         (dict(ep=2, batch_size=2, dp_shard=True), 4),  # FSDP2 x EP: non-expert weights sharded over the EP ranks
         (dict(pp=2, pp_schedule="dualpipev"), 4),
         (dict(pp=2, pp_schedule="1f1b", mtp_depth=2), 4),  # two chained MTP depths on the last stage
+        # gradient accumulation over pipeline calls: each call averages its own micro-batches only
+        (dict(pp=2, pp_schedule="1f1b", batch_size=2, grad_accum=2), 2),
+        # 3 stages on 3 ranks: the tied MTP embedding is summed by the first and last stage alone
+        (dict(pp=3, pp_schedule="1f1b", pp_microbatches=4), 4),
         # the MoE balance losses under PP: each stage adds its own layers' (sequence-wise; batch-level per
         # micro-batch, which equals the single process with as many gradient-accumulation steps)
         (dict(pp=2, pp_schedule="dualpipev", seq_aux_alpha=0.05), 4),
@@ -106,13 +112,16 @@ def test_distributed_training_matches_single_process(tmp_path, corpus_dir, kw, s
         same.update(grad_accum=2, batch_size=single_batch // 2)
     else:
         same.update(batch_size=single_batch)
+    if kw.get("pp") and kw.get("grad_accum"):  # no data ranks: the single process takes the same batches
+        same["grad_accum"] = kw["grad_accum"]
     if kw.get("max_nodes_per_token"):
         same["override"] = [*SMALL, "n_group=2", "topk_group=1"]
     train(cfg(tmp_path / "single", corpus_dir, **same))
-    run_local(_rank_train, 2, tmp_path / "dist", corpus_dir, kw)
+    run_local(_rank_train, kw.get("pp", 2), tmp_path / "dist", corpus_dir, kw)
     (s_steps, s_evals), (d_steps, d_evals) = records(tmp_path / "single"), records(tmp_path / "dist")
     assert [r["step"] for r in d_steps] == [1, 2, 3]
     for a, b in zip(s_steps, d_steps):
+        assert b["tokens"] == a["tokens"] == a["step"] * 4 * 32, a["step"]  # the global batch, every data rank's
         for k in ("loss", "mtp_loss", "aux_loss", "grad_norm"):
             assert b[k] == (None if a[k] is None else pytest.approx(a[k], rel=1e-4, abs=1e-5)), (k, a["step"])
         if kw.get("seq_aux_alpha") or kw.get("balance") == "aux":
@@ -158,6 +167,16 @@ def test_sharded_data_parallel_resume_is_exact(tmp_path, corpus_dir, capfd):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
 
 
+def test_pipeline_resume_needs_the_same_micro_batches(tmp_path, corpus_dir):
+    """A PP checkpoint records its micro-batch count (the loss averaging and the balance losses depend on it):
+    resuming with another --pp-microbatches is refused, naming both layouts."""
+    kw = dict(pp=2, pp_schedule="1f1b", pp_microbatches=2, steps=2, eval_every=2, save_every=2, eval_tokens=64)
+    run_local(_rank_train, 2, tmp_path / "run", corpus_dir, kw)
+    layout = "pp=2 dp=1 ep=1 dp_shard=False pp_schedule=1f1b pp_microbatches="
+    with pytest.raises(Exception, match=f"written with {layout}2, this run has {layout}4; resume with the same"):
+        run_local(_rank_train, 2, tmp_path / "run", corpus_dir, dict(kw, pp_microbatches=4, resume="latest"))
+
+
 def test_failed_checkpoint_write_stops_every_rank_with_one_error(tmp_path, corpus_dir):
     """Rank 0 cannot write a checkpoint (disk full): it raises the one-line error and the other ranks, told so by
     the save, stop with a NanoseekError too (not printed off rank 0) instead of a transport traceback."""
@@ -175,3 +194,6 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_repaired(tmp_path, corpus
     (ck / "step_0000004").rename(ck / ".step_0000004.old-123")
     run_local(_rank_train, 2, tmp_path / "run", corpus_dir, dict(kw, steps=6, resume="latest", slow_recovery=True))
     assert [(tmp_path / "run" / f"rank{r}.resumed").read_text() for r in (0, 1)] == ["step_0000004"] * 2
+    # a plain single process cannot take the 2 ranks' optimizer states over: the world size is named
+    with pytest.raises(NanoseekError, match="step_0000004 was written by 2 ranks, this run has 1"):
+        train(cfg(tmp_path / "run", corpus_dir, batch_size=2, steps=6, resume="latest"))
