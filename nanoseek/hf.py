@@ -433,14 +433,16 @@ def _materialize_buffers(model: torch.nn.Module, device: str) -> None:
 def save_pretrained(
     model: Transformer,
     path: str | Path,
-    max_shard_bytes: int = 4 * 2**30,
+    *,
     dtype: torch.dtype | None = torch.bfloat16,
     fp8: bool = False,
+    max_shard_bytes: int = 4 * 2**30,
 ) -> None:
     """Write `model` as an HF directory (config.json + sharded safetensors + index), atomically.
 
     `dtype` is the storage dtype of the floating weights (the routing bias always stays fp32); `fp8=True`
-    stores the linear weights as E4M3 with 128x128 `_scale_inv` blocks, like the V3 release.
+    stores the linear weights as E4M3 with 128x128 `_scale_inv` blocks, like the V3 release. The options are
+    keyword-only: a dtype passed in a size's place failed deep inside the sharding.
     """
     path = Path(path)
     tensors: list[tuple[str, torch.Tensor]] = []

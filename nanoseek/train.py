@@ -156,6 +156,11 @@ class Trainer:
         # data and tokenizer
         self.corpus = corpus_from_spec(tc.data) if tc.data else default_corpus()
         self.cfg = build_model_config(tc)
+        if tc.seq_len > self.cfg.max_position_embeddings:  # a model trained past its context that generate refuses
+            raise NanoseekError(
+                f"--seq-len {tc.seq_len} exceeds the model's max_position_embeddings "
+                f"{self.cfg.max_position_embeddings} (raise it with --override max_position_embeddings=N)"
+            )
         run_tok = next(
             (d / "tokenizer.json" for d in (self.resume_from, self.out) if d and (d / "tokenizer.json").is_file()),
             None,

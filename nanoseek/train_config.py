@@ -78,8 +78,8 @@ class TrainConfig:
     aux_alpha: float = _f(1e-3, "classic auxiliary balance loss alpha (used with --balance aux)")
     # multi-token prediction
     mtp_weight: float = _f(0.3, "MTP loss weight lambda")
-    mtp_weight_late: float = _f(0.1, "MTP loss weight after --mtp-weight-drop-step")
-    mtp_weight_drop_step: int | None = _f(None, "step at which lambda drops to --mtp-weight-late (default: never)")
+    mtp_weight_late: float = _f(0.1, "MTP loss weight after --mtp-weight-drop-step steps")
+    mtp_weight_drop_step: int | None = _f(None, "lambda is --mtp-weight-late after this many steps (default: never)")
     # evaluation, output, robustness
     out: str | None = _f(None, "output directory (default: runs/<preset>)")
     resume: str | None = _f(

@@ -548,6 +548,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, corpus_dir):
     text = " ".join(
         "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 9))) for _ in range(20000)
     )
+    with pytest.raises(NanoseekError, match="--seq-len 32 exceeds the model's max_position_embeddings 16"):
+        Trainer(tc(tmp_path, corpus_dir, override=[*SMALL, "max_position_embeddings=16"]))
     big = train_tokenizer([text], 600)
     assert big.vocab_size == 600
     big.save(tmp_path / "tok.json")
