@@ -508,3 +508,55 @@ def test_recomputing_rmsnorm_and_lean_cross_entropy_match_autograd(dtype):
             assert mine.bytes < 0.6 * ref.bytes
     finally:
         _CrossEntropyFunction.CHUNK_ELEMENTS = chunk
+
+
+# --- from a mutation audit of model/ and balance.py: behaviours no other test pinned ----------------------------
+def test_v2_group_limited_greedy_keeps_the_groups_with_the_best_single_score():
+    """V2's group_limited_greedy ranks groups by their best expert (amax), not by a sum (V3's noaux_tc)."""
+    cfg = tiny(scoring_func="softmax", topk_method="group_limited_greedy", n_routed_experts=16, n_group=4, topk_group=2)
+    cfg = dataclasses.replace(cfg, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, 0, 1.0)
+    _, idx, scores = gate(torch.randn(200, cfg.hidden_size))
+    best = scores.view(200, 4, 4).amax(-1).topk(2, dim=-1).indices  # [N, 2] the groups V2 keeps
+    assert ((idx // 4)[:, :, None] == best[:, None, :]).any(-1).all()
+    summed = scores.view(200, 4, 4).sum(-1).topk(2, dim=-1).indices
+    assert not torch.equal(best.sort(-1).values, summed.sort(-1).values)  # the two rules differ on these tokens
+
+
+def test_init_weights_zeroes_the_token_counters():
+    """A model built on the meta device, then `to_empty()` + `init_weights()`, starts with zero expert counts
+    (the balancer's first step reads them)."""
+    m = Transformer(tiny())
+    for moe in m.moe_layers():
+        moe.tokens_per_expert.fill_(5)
+    m.init_weights()
+    assert all(int(moe.tokens_per_expert.abs().sum()) == 0 for moe in m.moe_layers())
+
+
+def test_forward_mtp_skips_depths_the_sequence_is_too_short_for():
+    """T = 2 tokens with 2 MTP depths: depth 2 has no position left, so it is left out (an empty [B, 0, V]
+    entry would give a NaN loss)."""
+    m = Transformer(tiny(num_nextn_predict_layers=2)).eval()
+    with torch.no_grad():
+        _, mtps = m.forward_mtp(torch.randint(0, 300, (2, 2)))
+    assert len(mtps) == 1 and tuple(mtps[0].shape) == (2, 1, m.cfg.vocab_size)
+
+
+def test_attention_mask_lets_a_padded_query_see_itself():
+    """Padding slot 0 of one row: its query sees only itself (never an empty softmax); the others are causal
+    over the valid slots."""
+    from nanoseek.model.transformer import attention_mask
+
+    m = attention_mask(3, 0, torch.tensor([[False, True, True]]), torch.device("cpu"))
+    assert m[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_two_level_cap_counts_experts_at_the_cap_as_fitting():
+    """Seven experts of 2 rows and one of 20: a cap of 2 (8 x 2 rows + one second level of 18) beats one level
+    of 20 rows per expert (160)."""
+    from nanoseek.model.moe import two_level_cap
+
+    assert two_level_cap([2] * 7 + [20]) == 2
+    assert two_level_cap([5] * 8) == 5  # even loads: one level

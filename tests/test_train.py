@@ -368,6 +368,26 @@ def test_loss_free_bias_lowers_an_overloaded_expert_and_maxvio_falls():
     assert moe.gate.weight.grad is None  # the update never touched the gate weights or autograd
 
 
+def test_balancer_leaves_idle_layers_alone_and_reports_main_layers_only():
+    """A layer that counted no tokens this step (e.g. an MTP layer on a step without MTP) keeps its bias under the
+    proportional rule (0/0 would make it NaN for good); MaxVio_batch covers the main model's layers, not MTP's."""
+    from conftest import micro_config
+
+    from nanoseek.model import Transformer
+
+    m = Transformer(micro_config())
+    bal = LossFreeBalancer(m, rate=1e-2, rule="proportional")
+    bal.step()  # nothing counted anywhere
+    assert all(torch.equal(moe.gate.e_score_correction_bias, torch.zeros_like(moe.gate.e_score_correction_bias))
+               for moe in bal.layers)  # fmt: skip
+    with torch.no_grad():
+        m.forward_mtp(torch.randint(0, 300, (2, 16)))
+    main = [moe.tokens_per_expert.clone() for moe in bal.layers[: bal.n_main]]
+    assert len(bal.layers) > bal.n_main and all(int(moe.tokens_per_expert.sum()) > 0 for moe in bal.layers)
+    bal.step()
+    assert bal.maxvio_batch() == [maxvio(c) for c in main]
+
+
 def test_proportional_bias_rule_moves_by_the_relative_load_error():
     """`--bias-update proportional`: b_i += γ (mean − load_i) / mean, so one step is exactly that (not ±γ), and
     repeated steps balance the skewed router too."""
