@@ -64,7 +64,9 @@ def _info(args) -> None:
 
             cfg = config_from_hf(d, args.config)
         else:
-            if isinstance(d, dict) and d.get("format") == "nanoseek":  # a run's or checkpoint's own config.json
+            from .checkpoint import FORMAT
+
+            if isinstance(d, dict) and d.get("format") == FORMAT:  # a run's or checkpoint's own config.json
                 d = {k: v for k, v in d.items() if k != "format"}
             cfg = ModelConfig.from_dict(d, args.config)
     else:

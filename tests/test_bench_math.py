@@ -156,18 +156,22 @@ def balance_goals(monkeypatch, tmp_path, values: dict[str, tuple[float, float, f
     return {g["goal"].split(" (")[0]: g["met"] for g in res["goals"]}
 
 
+# (MaxVio_global, val loss, MaxVio on training rows) per arm: every goal exactly at its bound
+AT_BOUNDS = {
+    "loss-free": (0.05, 3.0, 0.05),
+    "aux α=0.001": (0.2, 3.0, 0.1),
+    "aux α=0.01": (0.5, 3.1, 0.1),
+    "none": (1, 3, 1),
+}
+
+
 def test_balance_goals_at_their_bounds(monkeypatch, tmp_path):
     """Each goal holds exactly at its bound (MaxVio 0.05, aux / loss-free = 4, equal val loss) and fails just past
     it; every loss-free arm is judged against every aux arm."""
     met = balance_goals(
         monkeypatch,
         tmp_path,
-        {
-            "loss-free": (0.05, 3.0, 0.05),
-            "aux α=0.001": (0.2, 3.0, 0.1),
-            "aux α=0.01": (0.5, 3.1, 0.1),
-            "none": (1, 3, 1),
-        },
+        AT_BOUNDS,
     )
     lf = "loss-free γ=0.001"
     assert len(met) == 4 * 5  # 4 loss-free arms x (global, training rows, 2 ratios, val loss)
@@ -176,12 +180,7 @@ def test_balance_goals_at_their_bounds(monkeypatch, tmp_path):
     met = balance_goals(
         monkeypatch,
         tmp_path,
-        {
-            "loss-free": (0.051, 3.0, 0.06),
-            "aux α=0.001": (0.2, 2.99, 0.1),
-            "aux α=0.01": (1, 3.1, 1),
-            "none": (1, 3, 1),
-        },
+        {**AT_BOUNDS, "loss-free": (0.051, 3.0, 0.06), "aux α=0.001": (0.2, 2.99, 0.1), "aux α=0.01": (1, 3.1, 1)},
     )
     assert not met[f"{lf}: MaxVio_global ≤ 0.05"] and not met[f"aux α=0.001 MaxVio_global / {lf}'s"]  # 3.92
     assert met[f"aux α=0.01 MaxVio_global / {lf}'s"]  # 19.6
@@ -190,11 +189,6 @@ def test_balance_goals_at_their_bounds(monkeypatch, tmp_path):
     met = balance_goals(
         monkeypatch,
         tmp_path,
-        {
-            "loss-free": (0.0, 3.0, 0.0),
-            "aux α=0.001": (0.2, 3.0, 0.1),
-            "aux α=0.01": (0.5, 3.1, 0.1),
-            "none": (1, 3, 1),
-        },
+        {**AT_BOUNDS, "loss-free": (0.0, 3.0, 0.0)},
     )
     assert met[f"aux α=0.001 MaxVio_global / {lf}'s"]  # a perfectly balanced arm: the ratio is infinite, not an error

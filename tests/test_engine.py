@@ -783,17 +783,11 @@ def test_generate_cli_chat_keeps_the_newest_tokens(tok, capsys, monkeypatch, tmp
     assert out["prompt_tokens"] == 28 and out["tokens"] == newest
 
 
-def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeypatch, tmp_path):
-    """The next turn's prompt is the previous prompt, the reply's tokens, a newline ending the reply's line (as
-    printed) and the user's new line."""
+def record_prompts(monkeypatch, stdin: str) -> list[list[int]]:
+    """Chat turns read from `stdin`; returns the list that receives each `Engine.generate` call's prompt ids."""
     import io
 
-    from nanoseek.cli import main
-
-    torch.manual_seed(0)
-    save_model(Transformer(micro()), tmp_path)
-    tok.save(tmp_path / "tokenizer.json")
-    seen = []
+    seen: list[list[int]] = []
     real = Engine.generate
 
     def recording(self, prompts, **kw):
@@ -801,7 +795,19 @@ def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeyp
         return real(self, prompts, **kw)
 
     monkeypatch.setattr(Engine, "generate", recording)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return seen
+
+
+def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeypatch, tmp_path):
+    """The next turn's prompt is the previous prompt, the reply's tokens, a newline ending the reply's line (as
+    printed) and the user's new line."""
+    from nanoseek.cli import main
+
+    torch.manual_seed(0)
+    save_model(Transformer(micro()), tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    seen = record_prompts(monkeypatch, "hello\n")
     argv = ["generate", "--model", str(tmp_path), "--max-new-tokens", "3", "--dtype", "fp32", "--ignore-eos"]
     assert main([*argv, "--chat", "--json", "--prompt", "def main("]) == 0
     first, second = (json.loads(ln) for ln in capsys.readouterr().out.splitlines())
@@ -813,8 +819,6 @@ def test_generate_cli_chat_history_is_what_the_screen_shows(tok, capsys, monkeyp
 def test_generate_cli_chat_history_leaves_out_the_eos(tok, capsys, monkeypatch, tmp_path):
     """A reply that ended with the EOS: the EOS (in its tokens, not on the screen) is not part of the next
     turn's prompt, which holds the reply's other tokens, the newline ending its line and the new line."""
-    import io
-
     from nanoseek.cli import main
 
     torch.manual_seed(0)
@@ -826,15 +830,7 @@ def test_generate_cli_chat_history_leaves_out_the_eos(tok, capsys, monkeypatch, 
     avoid = set(tok.encode("def main(\n") + tok.encode("\nhello\n")) | set(range(tok.vocab_size, 300))
     n = first_new(full, 2, avoid=avoid)
     eos = with_eos(tok, full[n], tmp_path / "eos").eos_id
-    seen = []
-    real = Engine.generate
-
-    def recording(self, prompts, **kw):
-        seen.append(list(prompts))
-        return real(self, prompts, **kw)
-
-    monkeypatch.setattr(Engine, "generate", recording)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    seen = record_prompts(monkeypatch, "hello\n")
     assert main([*argv, "--chat", "--prompt", "def main(", "--tokenizer", str(tmp_path / "eos/tokenizer.json")]) == 0
     first, _ = (json.loads(ln) for ln in capsys.readouterr().out.splitlines())
     assert first["finish_reason"] == "eos" and first["tokens"] == full[: n + 1] and first["tokens"][-1] == eos
