@@ -18,12 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import FORMAT, ModelConfig, config_fields
 from .errors import NanoseekError
 from .model import Transformer
 from .model.layers import Linear
 
-FORMAT = "nanoseek"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -43,9 +42,7 @@ def read_config(directory: str | Path) -> ModelConfig:
         d = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise NanoseekError(f"cannot read {f}: {e}") from None
-    if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
-        raise NanoseekError(f"{f} is not a nanoseek model config")
-    return ModelConfig.from_dict(d, str(f))
+    return ModelConfig.from_dict(config_fields(d, str(f), require_format=True), str(f))
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:

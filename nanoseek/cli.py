@@ -49,7 +49,7 @@ def set_threads(n: int | None) -> None:
 
 
 def _info(args) -> None:
-    from .config import ModelConfig, get_preset
+    from .config import ModelConfig, config_fields, get_preset
     from .costs import cost_report
 
     if args.seq_len < 1:
@@ -64,11 +64,7 @@ def _info(args) -> None:
 
             cfg = config_from_hf(d, args.config)
         else:
-            from .checkpoint import FORMAT
-
-            if isinstance(d, dict) and d.get("format") == FORMAT:  # a run's or checkpoint's own config.json
-                d = {k: v for k, v in d.items() if k != "format"}
-            cfg = ModelConfig.from_dict(d, args.config)
+            cfg = ModelConfig.from_dict(config_fields(d, args.config), args.config)  # ours, or hand-written
     else:
         cfg = get_preset(args.preset)
     r = cost_report(cfg, args.seq_len)

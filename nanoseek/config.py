@@ -15,6 +15,23 @@ from pathlib import Path
 
 from .errors import NanoseekError
 
+FORMAT = "nanoseek"  # the marker nanoseek writes beside the fields of its own config.json
+
+
+def config_fields(d: object, source: str, *, require_format: bool = False) -> dict:
+    """The ModelConfig fields of a parsed config.json, without nanoseek's `"format"` marker. One rule for every
+    reader: a native model directory's file must carry the marker (`require_format`: it is how an HF config is
+    told apart), a hand-written one (`--model-config`, `info --config`) may leave it out, and a marker naming
+    another format is refused, not dropped, since the fields around it were written for something else."""
+    if not isinstance(d, dict):
+        raise NanoseekError(f"{source}: expected a JSON object of model config fields, got {type(d).__name__}")
+    if "format" in d and d["format"] != FORMAT:
+        raise NanoseekError(f'{source}: "format" is {json.dumps(d["format"])}, not a nanoseek model config')
+    if require_format and "format" not in d:
+        raise NanoseekError(f'{source} is not a nanoseek model config (no "format": "{FORMAT}")')
+    return {k: v for k, v in d.items() if k != "format"}
+
+
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
@@ -213,7 +230,7 @@ class ModelConfig:
             d = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise NanoseekError(f"cannot read model config {path}: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(config_fields(d, str(path)), source=str(path))
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .atomic import atomic_dir, atomic_write_text, free_space_note
 from .balance import LossFreeBalancer, capture_router, maxvio, router_losses
 from .cli import set_threads
-from .config import ModelConfig, get_preset
+from .config import ModelConfig, config_fields, get_preset
 from .cpu_malloc import keep_freed_memory
 from .data import TokenStream, corpus_from_spec, default_corpus, val_batches
 from .errors import NanoseekError
@@ -53,9 +53,7 @@ def build_model_config(tc: TrainConfig) -> ModelConfig:
             extra = json.loads(Path(tc.model_config).read_text())
         except (OSError, ValueError) as e:
             raise NanoseekError(f"cannot read --model-config {tc.model_config}: {e}") from None
-        if not isinstance(extra, dict):
-            raise NanoseekError(f"--model-config {tc.model_config}: expected a JSON object of ModelConfig fields")
-        extra.pop("format", None)
+        extra = config_fields(extra, f"--model-config {tc.model_config}")
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **extra}, tc.model_config)
     kw = dict(ModelConfig.parse_override(item) for item in tc.override)
     if tc.mtp_depth is not None:

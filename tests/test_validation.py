@@ -198,7 +198,7 @@ def test_train_config_file_with_ints_for_floats_and_nulls_loads(tmp_path):
         ({"hidden_size": "256"}, 'hidden_size must be an integer, got "256"'),
         ({"n_group": None}, "n_group must be an integer, got null"),
         ({"norm_topk_prob": "yes"}, 'norm_topk_prob must be true or false, got "yes"'),
-        ([1], "expected a JSON object of ModelConfig fields"),
+        ([1], "expected a JSON object of model config fields"),
     ],
 )
 def test_bad_model_config_files_name_the_file_and_field(tmp_path, content, needle):
@@ -209,6 +209,35 @@ def test_bad_model_config_files_name_the_file_and_field(tmp_path, content, needl
     assert str(f) in str(e.value) and needle in str(e.value)
     with pytest.raises(NanoseekError, match=f"{f}: "):  # the same file through `ModelConfig.load`
         ModelConfig.load(f)
+
+
+def test_every_config_reader_applies_one_format_rule(tmp_path, capsys):
+    """A checkpoint's config.json, --model-config and `info --config` read the "format" marker alike: ours is
+    dropped, a missing one only a checkpoint refuses (it is how an HF config is told apart), another one all
+    three refuse (before, --model-config dropped any marker silently and info named an unknown field)."""
+    fields = micro_config().to_dict()
+    cases = {"ours": {"format": "nanoseek"}, "none": {}, "other": {"format": "safetensors"}}
+    readers = {
+        "checkpoint": lambda d: read_config(d),
+        "--model-config": lambda d: build_model_config(TrainConfig(model_config=str(d / "config.json"))),
+        "info": lambda d: main(["info", "--config", str(d / "config.json"), "--json"]),
+    }
+    for case, marker in cases.items():
+        d = tmp_path / case
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**marker, **fields}))
+        for name, read in readers.items():
+            refused = case == "other" or (case == "none" and name == "checkpoint")
+            if name == "info":
+                assert read(d) == (2 if refused else 0), (case, name)
+                out, err = capsys.readouterr()
+                assert refused or json.loads(out)["params_total"] > 0, (case, name)
+                assert not refused or ("not a nanoseek model config" in err and err.count("\n") == 1), (case, err)
+            elif refused:
+                with pytest.raises(NanoseekError, match=r"config\.json.*not a nanoseek model config"):
+                    read(d)
+            else:
+                assert read(d).hidden_size == fields["hidden_size"], (case, name)
 
 
 def test_checkpoint_config_with_a_null_field_names_the_file(tmp_path):
