@@ -20,7 +20,11 @@ each (cut after a newline, so whole .jsonl lines) is validation; files too small
 Adding files to such a corpus can switch it to the file rule (and back).
 
 Undecodable UTF-8 is decoded with errors="replace" rather than rejected: the stdlib itself ships deliberately
-mis-encoded test files, and one bad byte in a multi-GB corpus should not stop a training run.
+mis-encoded test files, and one bad byte in a multi-GB corpus should not stop a training run. A UTF-8 byte
+order mark at the start of a --data file (or of a .jsonl line) is skipped; the default corpus is read as is.
+
+Directories are walked recursively, following symlinked directories (each real directory once); hidden files
+and directories and `site-packages`, `dist-packages`, `__pycache__` and `node_modules` are skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "node_modules"}
 PIECE_BYTES = 64 << 10  # a long document is encoded in pieces of at most this size (see _safe_cut)
 GROUP_BYTES = 512 << 10  # text read and tokenised per encode_batch call (~150k tokens, ~0.1 s on 2 cores)
 # file signatures that are never valid UTF-8 text (others, e.g. bzip2's "BZh", could start a text file)
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, as editors on Windows write it
 BINARY_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
@@ -119,6 +124,10 @@ def corpus_from_spec(spec: str) -> Corpus:
             raise NanoseekError(f"{name}: no {'/'.join(DIR_SUFFIXES)} files in this directory")
     elif path.is_file():
         root, files = path.parent, [path]
+    elif path.exists():
+        raise NanoseekError(
+            f"{name}: not a regular file or directory (a pipe or device cannot be read twice): save it to a file"
+        )
     elif any(c in spec for c in "*?["):
         import glob
 
@@ -135,9 +144,17 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     def fail(e: OSError) -> None:
         raise NanoseekError(f"cannot read directory {e.filename}: {e.strerror}")
 
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
+    out, seen = [], {os.path.realpath(root)}
+    # symlinked directories are followed (a corpus assembled from links is common), each real directory once,
+    # so a link back up the tree cannot loop
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and d not in _SKIP_DIRS and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         out += [Path(dirpath, f) for f in filenames if f.lower().endswith(suffixes) and not f.startswith(".")]
     return sorted(out)
 
@@ -184,7 +201,11 @@ def _make_corpus(name: str, root: Path, files: list[Path], check: bool = True) -
             if check:
                 _check_text(p, name)
                 if sources[-1].is_jsonl:
-                    _check_jsonl(sources[-1])
+                    _check_jsonl(sources[-1])  # each line's BOM is dropped as it is parsed
+                elif _read(p, 0, 3) == BOM:  # a plain-text file's BOM is not text: its document starts after it
+                    sources[-1] = replace(sources[-1], start=len(BOM))
+                    if st.st_size == len(BOM):
+                        sources.pop()
     if not sources:
         raise NanoseekError(f"{name}: all {len(files)} file(s) are empty, e.g. {files[0]}")
     if len(sources) == 1:
@@ -218,14 +239,26 @@ def _split_each(sources: list[Source]) -> tuple[list[Source], list[Source]]:
 
 
 def _split_single(src: Source) -> tuple[list[Source], list[Source]]:
-    """Split one file so that the last ~VAL_FRACTION (whole lines when possible) is validation."""
+    """Split one file so that the last ~VAL_FRACTION (whole lines when possible) is validation.
+
+    With no line start after the target the cut falls back to the last one before it, which a long last line
+    makes far (one 50 KB line after 2 KB of short ones would put 96% into validation): if validation would
+    get more than four times VAL_FRACTION, plain text is cut inside the line at a character boundary, and a
+    .jsonl file, whose documents cannot be cut, is refused (in a corpus of several files it then stays whole
+    in training)."""
     size = src.end
     target = int(size * (1 - VAL_FRACTION))
     cut = _find_line_start(src.path, target, size)
-    if cut is None:
+    share = None if cut is None else (size - cut) / (size - src.start)
+    if cut is not None and share > 4 * VAL_FRACTION and src.is_jsonl:
+        raise NanoseekError(
+            f"{src.path}: its last document is {share:.0%} of the file, too much for a validation split of whole "
+            ".jsonl lines: split it into more lines, or add files"
+        )
+    if cut is None or share > 4 * VAL_FRACTION:
         if src.is_jsonl:
             raise NanoseekError(f"{src.path}: a single .jsonl file needs at least 2 lines (documents) to split")
-        # One long line: cut at a UTF-8 character boundary near the target.
+        # No line start near the target: cut at a UTF-8 character boundary near the target.
         window = _read(src.path, target, 4)
         cut = target + next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window))
         if not 0 < cut < size:
@@ -262,16 +295,19 @@ def _read(path: Path, offset: int, n: int) -> bytes:
 
 
 def _safe_cut(data: bytes) -> int:
-    """Where to end a piece of a longer document: just before a '\\n' that follows a non-space byte.
+    """Where to end a piece of a longer document: just before a '\\n' (or the '\\r' of a '\\r\\n') that follows
+    a non-space byte.
 
     The byte-level pre-tokenizer never merges across such a point (the word before it cannot absorb the
     newline, and the whitespace run starts at it), so encoding the pieces separately gives exactly the same
     ids as encoding the whole document. Without such a point, cut at a UTF-8 character boundary."""
     i = data.rfind(b"\n")
-    while i > 0 and _space_before(data, i):
+    while i > 0:
+        if not _space_before(data, i):
+            return i
+        if data[i - 1] == 0x0D and i > 1 and not _space_before(data, i - 1):  # CRLF: cut before the "\r"
+            return i - 1
         i = data.rfind(b"\n", 0, i)
-    if i > 0:
-        return i
     j = len(data) - 1
     while j > 0 and data[j] & 0xC0 == 0x80:  # back off to the start of the last (maybe partial) character
         j -= 1

@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> None:
     from .tokenizer import check_vocab_fits
 
     check_vocab_fits(engine.tokenizer, engine.model.cfg.vocab_size, engine.tokenizer.source)
+    lost = engine.tokenizer.round_trip_loss()
+    if lost:
+        print(f"note: tokenizer {engine.tokenizer.source} is lossy ({lost}): prompts may lose text", file=sys.stderr)
     if k:
         engine.model.require_mtp()
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop=args.stop, speculative=k)

@@ -43,6 +43,8 @@ EOS_CANDIDATES = (
 )
 # Beginning-of-sequence tokens named in an exported tokenizer_config.json when the vocabulary has one.
 BOS_CANDIDATES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
+# Text a lossless tokenizer must give back exactly: printable ASCII, Latin, CJK, an emoji, tabs, runs of spaces.
+ROUND_TRIP_PROBE = "".join(map(chr, range(32, 127))) + "\t\n  éß ÆØ 漢字 🦊  \r\n x"
 # Tokenizer training reads at most this many bytes of the training split (a deterministic, spread-out subset,
 # see `Corpus.sample_texts`). BPE statistics saturate long before this; it keeps training at a few seconds
 # on 2 cores (the whole ~30 MB Python stdlib fits) and bounded on multi-GB corpora.
@@ -67,6 +69,18 @@ class Tokenizer:
         self._eos_id = eos_id
         self.eos_token = eos_token
         self.source = source
+
+    def round_trip_loss(self) -> str | None:
+        """None if decode(encode(text)) == text on ROUND_TRIP_PROBE (always, for byte-level BPE), else a short
+        example of what is lost. A tokenizer without byte fallback drops or alters characters it lacks, in the
+        training data and in prompts alike: callers say so rather than train on silently altered text."""
+        back = self.decode(self.encode(ROUND_TRIP_PROBE))
+        if back == ROUND_TRIP_PROBE:
+            return None
+        i = next(
+            (i for i, (a, b) in enumerate(zip(ROUND_TRIP_PROBE, back)) if a != b), min(len(back), len(ROUND_TRIP_PROBE))
+        )
+        return f"{ROUND_TRIP_PROBE[max(0, i - 4) : i + 8]!r} comes back as {back[max(0, i - 4) : i + 8]!r}"
 
     @property
     def vocab_size(self) -> int:
@@ -132,6 +146,10 @@ class Tokenizer:
         """Load any tokenizer.json. The EOS token comes from a sibling tokenizer_config.json ("eos_token") if
         there is one, else from the first of EOS_CANDIDATES that the vocabulary contains."""
         path = Path(path)
+        if path.is_dir():  # a model or run directory: its tokenizer.json
+            if not (path / "tokenizer.json").is_file():
+                raise NanoseekError(f"tokenizer path {path} is a directory without a tokenizer.json")
+            path = path / "tokenizer.json"
         if not path.is_file():
             raise NanoseekError(f"tokenizer file {path} does not exist")
         try:

@@ -85,6 +85,10 @@ def test_trained_vocab_exact_and_too_small(tok):
     assert train_tokenizer([_text(1, 300)], 300).vocab_size == 300
     with pytest.raises(NanoseekError, match="vocab_size 100"):
         train_tokenizer(["abc"], 100)
+    # EOS plus the 256 byte tokens: 257 is the smallest vocabulary that still encodes any text
+    assert train_tokenizer([_text(1, 50)], 257).vocab_size == 257
+    with pytest.raises(NanoseekError, match="vocab_size 256 is too small: byte-level BPE needs at least 257"):
+        train_tokenizer([_text(1, 50)], 256)
 
 
 def test_save_and_from_file(tok, tmp_path):
@@ -94,6 +98,13 @@ def test_save_and_from_file(tok, tmp_path):
     back = Tokenizer.from_file(path)
     assert back.vocab_size == tok.vocab_size and back.eos_id == tok.eos_id
     assert [back.encode(s) for s in TRICKY] == [tok.encode(s) for s in TRICKY]
+
+
+def test_hf_config_decodes_unchanged_and_keeps_the_context_length(tok):
+    """transformers' default clean-up would strip spaces before punctuation on decode, breaking exact round trips
+    through an exported tokenizer; model_max_length tells it the context the model was trained for."""
+    cfg = tok.hf_config(4096)
+    assert cfg["clean_up_tokenization_spaces"] is False and cfg["model_max_length"] == 4096
 
 
 def test_from_file_finds_foreign_eos(tmp_path):
@@ -124,6 +135,9 @@ def test_from_file_finds_foreign_eos(tmp_path):
     (both.parent / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     loaded = Tokenizer.from_file(both)
     assert (loaded.eos_token, loaded.eos_id) == ("<|endoftext|>", 1)
+    # So does a config that is valid JSON but not an object (no .get: it must not escape as an AttributeError).
+    (both.parent / "tokenizer_config.json").write_text("[]")
+    assert Tokenizer.from_file(both).eos_token == "<|endoftext|>"
     # Same ids but another EOS ends documents differently: not the same tokenizer.
     assert loaded.same_as(Tokenizer(loaded._tok, "<|endoftext|>"))
     assert not loaded.same_as(Tokenizer(loaded._tok, "</s>"))
@@ -135,6 +149,49 @@ def test_from_file_finds_foreign_eos(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(NanoseekError, match=r"bad\.json is not a valid tokenizer\.json"):
         Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_foreign_tokenizer_counts_added_tokens_and_gets_no_bos(tmp_path):
+    """A downloaded tokenizer.json may add special tokens after its base vocabulary (the model's embedding must
+    cover them) and carry a post-processor that prepends BOS: the packer adds only EOS, so no encode may add it."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, processors
+
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False)
+    t.train_from_iterator([_text(0, 50)], trainer)
+    base = t.get_vocab_size(with_added_tokens=False)
+    t.add_special_tokens(["<|im_end|>"])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    t.save(str(tmp_path / "tokenizer.json"))
+    foreign = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    assert foreign.vocab_size == base + 1
+    assert foreign.encode_batch(["def f"]) == [foreign.encode("def f")]
+    assert 0 not in foreign.encode_batch(["def f"])[0]  # no "<s>" (id 0) from the post-processor
+
+
+def test_lossy_tokenizers_are_detected_and_a_directory_finds_its_tokenizer(tok, tmp_path):
+    """Ours gives any text back exactly; a BPE with a whitespace pre-tokenizer and no byte fallback drops what
+    its vocabulary lacks ("ZZZ", the emoji) and the spaces: round_trip_loss names an example, so `train` and
+    `generate` can say so. A model or run directory given as the tokenizer path means its tokenizer.json."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    assert tok.round_trip_loss() is None
+    t = tokenizers.Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False)
+    t.train_from_iterator([_text(0, 50).lower()], trainer)
+    (tmp_path / "ws").mkdir()
+    t.save(str(tmp_path / "ws" / "tokenizer.json"))
+    lossy = Tokenizer.from_file(tmp_path / "ws")
+    assert lossy.source == str(tmp_path / "ws" / "tokenizer.json")
+    lost = lossy.round_trip_loss()
+    assert lost is not None and "comes back as" in lost
+    with pytest.raises(NanoseekError, match=r"tokenizer path .*empty is a directory without a tokenizer\.json"):
+        (tmp_path / "empty").mkdir()
+        Tokenizer.from_file(tmp_path / "empty")
 
 
 def test_get_tokenizer_caches(tmp_path, monkeypatch):
@@ -194,6 +251,7 @@ def test_directory_split_deterministic_disjoint(tmp_path):
     (root / "skip.bin").write_text("not a text suffix")
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.txt").write_text("hidden")
+    (root / ".secret.md").write_text("x\n" * 100)  # hidden files are skipped like hidden directories
     (root / "empty.txt").write_text("")
     a, b = corpus_from_spec(str(root)), corpus_from_spec(str(root) + "/")
     rels = lambda ss: [s.rel for s in ss]
@@ -201,9 +259,23 @@ def test_directory_split_deterministic_disjoint(tmp_path):
     assert len(a.val) >= 1 and not set(rels(a.train)) & set(rels(a.val))
     expected = {f"f{i:02d}.py" for i in range(60)} | {"sub/notes.md", "sub/docs.jsonl"}
     assert set(rels(a.train)) | set(rels(a.val)) == expected
+    # Pinned: the split hash must never change, or existing runs would validate on files they trained on.
+    assert set(rels(a.val)) == {"f26.py", "f36.py"}
     # A glob of the same files gives the same split (same paths relative to their common folder).
     g = corpus_from_spec(str(root / "*.py"))
     assert set(rels(g.val)) == {r for r in rels(a.val) if r.endswith(".py")}
+
+
+def test_glob_brackets_and_a_root_common_to_all_matches(tmp_path):
+    """A spec with [..] is a pattern, not a missing file; a glob's root is the common directory of all its
+    matches (the first match's folder made relative_to fail with a traceback for files in sibling folders)."""
+    _make_dir(tmp_path / "c", n_files=4)
+    c = corpus_from_spec(str(tmp_path / "c" / "f0[12].py"))
+    assert {s.rel for s in c.train} == {"f01.py", "f02.py"}
+    _make_dir(tmp_path / "d" / "a", n_files=2)
+    _make_dir(tmp_path / "d" / "b", n_files=2)
+    c = corpus_from_spec(str(tmp_path / "d") + "/*/*.py")
+    assert {s.rel for s in c.train + c.val} == {"a/f00.py", "a/f01.py", "b/f00.py", "b/f01.py"}
 
 
 def test_two_files_and_single_file_splits(tmp_path):
@@ -241,6 +313,92 @@ def test_two_files_and_single_file_splits(tmp_path):
     split = corpus_from_spec(str(tmp_path / "line.txt"))
     (tr,), (va,) = split.train, split.val
     assert 0 < tr.end == va.start < 1000
+
+
+def test_file_rule_fallbacks_and_its_byte_fraction_bounds(tmp_path):
+    """The file rule is kept only while validation holds 1% to 16% of the bytes (else every file is split
+    inside); when every file hashes to validation, the one with the highest hash goes back to train; and a
+    corpus with nothing to cut is a clear error, not an empty validation split. d90.txt and d19.txt both hash
+    below VAL_FRACTION, big.txt above."""
+
+    def split(name, sizes):
+        (tmp_path / name).mkdir()
+        for rel, size in sizes.items():
+            (tmp_path / name / rel).write_text("line 1\n" * (size // 7))
+        c = corpus_from_spec(str(tmp_path / name))
+        return sorted((s.rel, s.start, s.end) for s in c.train), sorted((s.rel, s.start, s.end) for s in c.val)
+
+    assert split("all_val", {"d90.txt": 154, "d19.txt": 9856}) == ([("d19.txt", 0, 9856)], [("d90.txt", 0, 154)])
+    # 1.5% of the bytes: just above the 1% bound, so the file rule holds
+    assert split("low", {"d90.txt": 154, "big.txt": 9856}) == ([("big.txt", 0, 9856)], [("d90.txt", 0, 154)])
+    # 20%: above the 16% bound, so each file is split inside
+    assert split("high", {"d90.txt": 2002, "big.txt": 7994})[1] == [("big.txt", 7679, 7994), ("d90.txt", 1925, 2002)]
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("x")
+    (tmp_path / "tiny" / "b.txt").write_text("y")
+    with pytest.raises(NanoseekError, match="every file is too small"):
+        corpus_from_spec(str(tmp_path / "tiny"))
+
+
+def test_in_file_cut_points(tmp_path):
+    """Without a newline the cut lands on a UTF-8 character start (not inside "é", which would garble both
+    halves); a line start exactly at the 96% target is used, not the next one."""
+    (tmp_path / "e.txt").write_text("é" * 1000)
+    c = corpus_from_spec(str(tmp_path / "e.txt"))
+    assert c.train[0].end == c.val[0].start == 1920
+    (tmp_path / "l.txt").write_text("abc\n" * 25)
+    c = corpus_from_spec(str(tmp_path / "l.txt"))
+    assert c.train[0].end == c.val[0].start == 96
+
+
+def test_a_long_last_line_does_not_become_the_validation_split(tmp_path):
+    """With no line start after the 96% target the cut fell back to the last one before it: 40 short lines and
+    one 47 KB last line put 96% of the file into validation. Plain text is cut inside that line now; a .jsonl
+    whose last document is that large is refused alone and stays whole in training among other files."""
+    head = "".join(f"line {i}\n" for i in range(40))
+    (tmp_path / "last.txt").write_text(head + "y" * 47000)
+    (tr,), (va,) = (c := corpus_from_spec(str(tmp_path / "last.txt"))).train, c.val
+    size = (tmp_path / "last.txt").stat().st_size
+    assert tr.end == va.start and 0.03 < (size - va.start) / size < 0.05
+    docs = [json.dumps({"text": f"doc {i}"}) for i in range(50)] + [json.dumps({"text": "z" * 42000})]
+    (tmp_path / "big.jsonl").write_text("\n".join(docs) + "\n")
+    with pytest.raises(NanoseekError, match=r"big\.jsonl: its last document is 98% of the file, too much for a"):
+        corpus_from_spec(str(tmp_path / "big.jsonl"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "big.jsonl").rename(tmp_path / "d" / "big.jsonl")
+    (tmp_path / "d" / "other.txt").write_text(_text(1, 20000))
+    c = corpus_from_spec(str(tmp_path / "d"))
+    assert [(s.rel, s.start) for s in c.train if s.rel == "big.jsonl"] == [("big.jsonl", 0)]
+    assert [s.rel for s in c.val] == ["other.txt"]
+
+
+def test_symlinked_directories_are_followed_once(tmp_path):
+    """A --data directory assembled from links reads the linked directories (a glob always did), each real
+    directory once: a link back up the tree does not loop."""
+    real = _make_dir(tmp_path / "real", n_files=3)
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "own.txt").write_text(_text(9, 300))
+    (top / "sub").symlink_to(real, target_is_directory=True)
+    (top / "twice").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(top, target_is_directory=True)
+    c = corpus_from_spec(str(top))
+    rels = sorted({s.rel for s in c.train + c.val})
+    assert rels == ["own.txt", "sub/f00.py", "sub/f01.py", "sub/f02.py"], rels
+
+
+def test_a_plain_text_bom_is_skipped_and_a_pipe_is_named(tok, tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("".join(f"doc line {i}\n" for i in range(200)).encode("utf-8-sig"))
+    c = corpus_from_spec(str(path))
+    assert c.train[0].start == 3
+    assert tok.decode(TokenStream(c, tok, 7).next_batch(3).flatten()).startswith("doc line 0")
+    (tmp_path / "only.txt").write_bytes(data.BOM)  # nothing but a BOM is an empty file
+    with pytest.raises(NanoseekError, match=r"all 1 file\(s\) are empty"):
+        corpus_from_spec(str(tmp_path / "only.txt"))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(NanoseekError, match=r"fifo: not a regular file or directory \(a pipe or device"):
+        corpus_from_spec(str(tmp_path / "fifo"))
 
 
 def test_corpus_errors(tmp_path):
@@ -288,19 +446,36 @@ def test_jsonl_with_a_byte_order_mark(tok, tmp_path):
     assert tok.decode(flat).startswith("doc 0")
 
 
+def test_jsonl_lone_surrogates_become_question_marks(tok, tmp_path):
+    """JSON may escape a lone surrogate ("\\ud800", e.g. half an emoji cut by a scraper); the tokenizer cannot take
+    one, so it is replaced rather than stopping the run."""
+    (tmp_path / "s.jsonl").write_text('{"text": "a\\ud800b"}\n' * 30)
+    stream = TokenStream(corpus_from_spec(str(tmp_path / "s.jsonl")), tok, 3)
+    assert tok.decode(stream.next_batch(1)[0]).startswith("a?b")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
 @pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2028", " "])
-def test_pieces_of_a_long_document_encode_like_the_whole(tmp_path, monkeypatch, space):
-    # Pieces end before a newline that follows a non-space character; a Unicode space before the newline would
-    # be absorbed with it into one pre-token, so no cut may fall there.
+def test_pieces_of_a_long_document_encode_like_the_whole(tmp_path, monkeypatch, space, newline):
+    # Pieces end before a newline (CRLF: before its "\r") that follows a non-space character; a Unicode space
+    # before the newline would be absorbed with it into one pre-token, so no cut may fall there. (CRLF files
+    # were cut inside words before: the "\r" before every "\n" counts as a space.)
     monkeypatch.setattr(data, "PIECE_BYTES", 200)
-    text = "".join(f"word{i} here{space if i % 3 else ''}\n   x{i}\n" for i in range(300))
+    text = "".join(f"word{i} here{space if i % 3 else ''}{newline}   x{i}{newline}" for i in range(300))
     path = tmp_path / "doc.txt"
-    path.write_text(text)
+    path.write_bytes(text.encode())
     size = path.stat().st_size
     pieces, end, _ = data._read_source(data.Source(path, "doc.txt", 0, size), 0, 0, 10**9)
     assert end == size and len(pieces) > 20 and [d for _, d in pieces].count(True) == 1
     tok = train_tokenizer([text], 400)  # knows merges across "<space>\n" (a generic one might not)
     assert [i for piece, _ in pieces for i in tok.encode(piece)] == tok.encode(text)
+
+
+def test_safe_cut_skips_newlines_after_spaces_and_backs_off_to_a_character_start():
+    # every newline that follows a space is passed over, back to the first one after a word
+    assert data._safe_cut(b"a\nb \nc \n") == 1
+    # no newline: end before the last (maybe partial) character, not inside it
+    assert data._safe_cut("é".encode() * 10) == 18
 
 
 def test_unreadable_file_error(tmp_path, monkeypatch):
@@ -320,6 +495,7 @@ def test_unreadable_file_error(tmp_path, monkeypatch):
         ("{broken", "line {}: invalid JSON"),
         ('{"txt": "x"}', "line {}: expected .* 'text'"),
         ("[1]", "line {}: "),
+        ('{"text": 5}', "line {}: expected a JSON object with a string field 'text'"),  # not a traceback
     ],
 )
 def test_jsonl_errors_name_file_and_line(tok, tmp_path, line, pattern):
@@ -350,6 +526,17 @@ def test_deleted_file_and_bad_utf8(tok, tmp_path):
     with pytest.raises(NanoseekError, match=f"cannot read {gone}"):
         stream = TokenStream(corpus, tok, 63, seed=1)
         for _ in range(40):
+            stream.next_batch(4)
+
+
+@pytest.mark.timeout(30)  # the failure this guards against was an endless loop
+def test_a_file_that_shrank_while_streaming_is_an_error(tok, tmp_path):
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=3)))
+    path = corpus.train[0].path
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(NanoseekError, match="shrank while reading"):
+        stream = TokenStream(corpus, tok, 15)
+        for _ in range(50):
             stream.next_batch(4)
 
 
@@ -407,6 +594,19 @@ def test_resume_is_bit_identical(tok, tmp_path, group_bytes):
         TokenStream(other, tok, seq_len=47).load_state_dict(states[5])
 
 
+def test_resume_refuses_another_split_or_tokenizer(tok, tmp_path):
+    """A validation stream's state resumed as the train stream, or a stream re-tokenised with another tokenizer,
+    would continue from the wrong place: both are refused rather than silently training on other data."""
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=10)))
+    stream = TokenStream(corpus, tok, 15)
+    stream.next_batch(2)
+    with pytest.raises(NanoseekError, match="version-1 train stream"):
+        TokenStream(corpus, tok, 15).load_state_dict({**stream.state_dict(), "split": "val"})
+    other = train_tokenizer([_text(1, 50)], 300)
+    with pytest.raises(NanoseekError, match="re-reading the data"):
+        TokenStream(corpus, other, 15).load_state_dict(stream.state_dict())
+
+
 def test_shuffled_windows_permute_rows_and_resume_exactly(tok, tmp_path):
     """--shuffle-rows: within each window of W rows the stream serves exactly the rows the unshuffled stream
     would, in a seeded random order (so one batch spans the window, not a few adjacent rows); resuming anywhere,
@@ -444,6 +644,25 @@ def test_shuffled_windows_permute_rows_and_resume_exactly(tok, tmp_path):
         TokenStream(corpus, tok, seq_len=31).load_state_dict(states[3])
 
 
+def test_the_window_permutation_depends_on_the_seed(tok, tmp_path):
+    """Runs with other seeds must see other row orders: with one file the rows are the same whatever the seed
+    (no file order to shuffle), so only the window's permutation can differ."""
+    (tmp_path / "one.txt").write_text(_text(0, 2000))
+    corpus = corpus_from_spec(str(tmp_path / "one.txt"))
+    a = TokenStream(corpus, tok, 15, seed=5, shuffle_rows=12).next_batch(12)
+    b = TokenStream(corpus, tok, 15, seed=6, shuffle_rows=12).next_batch(12)
+    assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist())) and not torch.equal(a, b)
+
+
+def test_token_stream_argument_checks(tok, tmp_path):
+    """Validation is read in file order (comparable losses across runs), whatever shuffle_rows says; a negative
+    window is a mistake, not "no shuffling"."""
+    corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=6, n_lines=300)))
+    assert TokenStream(corpus, tok, 15, split="val", shuffle_rows=8).shuffle_rows == 0
+    with pytest.raises(ValueError, match="shuffle_rows must be >= 0"):
+        TokenStream(corpus, tok, 15, shuffle_rows=-1)
+
+
 def test_val_batches(tok, tmp_path):
     corpus = corpus_from_spec(str(_make_dir(tmp_path / "c", n_files=6, n_lines=300)))
     a = val_batches(corpus, tok, seq_len=15, batch_size=4, max_tokens=16 * 10 + 5)
@@ -457,6 +676,8 @@ def test_val_batches(tok, tmp_path):
     assert sum(x.numel() for x in everything) == len(expected) // 16 * 16
     with pytest.raises(NanoseekError, match="less than one row"):
         val_batches(corpus, tok, seq_len=10**6, batch_size=1, max_tokens=10**7)
+    # exactly one row is enough
+    assert [x.shape for x in val_batches(corpus, tok, seq_len=15, batch_size=4, max_tokens=16)] == [(1, 16)]
 
 
 def test_shuffle_window_stops_at_the_epoch_end(tok, tmp_path):
