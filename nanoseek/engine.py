@@ -175,6 +175,7 @@ class Engine:
                 f"max_len {max_len} must be in [1, max_position_embeddings = {model.cfg.max_position_embeddings}]"
             )
         self.max_len = max_len or model.cfg.max_position_embeddings
+        self._limit_vocab(tokenizer)
         self.compiled = compile
         self._step, self.verify, self.draft = self._decode_eager, self._verify_eager, self._draft_eager
         self.greedy_step, self.greedy_chunk = self._greedy_step_eager, self._greedy_chunk_eager
@@ -187,6 +188,28 @@ class Engine:
                 torch.compile(fn, dynamic=True, options=opts)
                 for fn in (self._step, self.verify, self.draft, self.greedy_step, self.greedy_chunk)
             )
+
+    def _limit_vocab(self, tokenizer) -> None:
+        """Never emit an id the tokenizer does not have. The head can have more rows than the tokenizer has ids
+        (a BPE trained on a small corpus stops early; V3 pads 128k tokens to 129,280): those rows never saw a
+        target, a weakly trained model's argmax can still land on them, and they decode to nothing. Their
+        logits are -inf at every head (main and MTP), so greedy, sampling, drafts and verification all see the
+        same restricted distribution; a hook on the heads reaches the compiled steps too. No tokenizer (id
+        prompts): the whole vocabulary. An earlier engine's limit on the same model is replaced."""
+        for handle in getattr(self.model, "_vocab_limit_hooks", ()):
+            handle.remove()
+        self.model._vocab_limit_hooks = []
+        n, V = (tokenizer.vocab_size if tokenizer is not None else None), self.model.cfg.vocab_size
+        if n is None or n >= V:
+            return
+        beyond = torch.arange(V) >= n  # [V]
+
+        def mask(_module, _inputs, logits):
+            return logits.masked_fill(beyond.to(logits.device), float("-inf"))
+
+        heads = [self.model.lm_head, *(layer.shared_head.head for layer in self.model.mtp)]
+        for head in {id(h): h for h in heads if h is not None}.values():
+            self.model._vocab_limit_hooks.append(head.register_forward_hook(mask))
 
     @classmethod
     def load(

@@ -15,6 +15,7 @@ continues bit-identically: the loss curve matches the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -172,9 +173,22 @@ class Trainer:
         elif tc.tokenizer:
             self.tok = Tokenizer.from_file(tc.tokenizer)
             check_vocab_fits(self.tok, self.cfg.vocab_size, tc.tokenizer)
+            lost = self.tok.round_trip_loss()
+            if lost and os.environ.get("RANK", "0") == "0":
+                print(
+                    f"note: --tokenizer {tc.tokenizer} is lossy ({lost}): the model trains on altered text",
+                    file=sys.stderr,
+                )
         else:
             self.tok = get_tokenizer(self.corpus, self.cfg.vocab_size)
             check_vocab_fits(self.tok, self.cfg.vocab_size, self.tok.source)
+            n, V = self.tok.vocab_size, self.cfg.vocab_size
+            if n < V and self.resume_from is None and os.environ.get("RANK", "0") == "0":
+                print(
+                    f"note: this corpus supports a {n}-token BPE, the model has {V} ids: the other {V - n} are "
+                    "never trained and never generated (more text, or --override vocab_size=N, uses them)",
+                    file=sys.stderr,
+                )
 
         # parallelism: a no-op plan without torchrun; under torchrun the same seed builds identical replicas,
         # which `plan.wrap` shards (experts over EP ranks, layers over PP stages; DP takes the other ranks)
@@ -437,6 +451,7 @@ class Trainer:
             "nan_skips": self.nan_skips,
             "consecutive_nan": self.consecutive_nan,
             "elapsed": self.elapsed,
+            "val_id": self._val_id(),
         }
         try:
             with atomic_dir(target) as tmp:
@@ -449,6 +464,11 @@ class Trainer:
             raise NanoseekError(f"cannot write the checkpoint {target}: {e}{free_space_note(target)}{intact}") from None
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _val_id(self) -> str:
+        """A hash of the validation tokens: a resume whose data or --eval-tokens changed them is noted, since
+        its val_loss no longer continues the curve (the train split's position is checked by the stream)."""
+        return hashlib.sha256(b"".join(b.numpy().tobytes() for b in self.val)).hexdigest()[:16]
 
     def _gather_objects(self, obj) -> list:
         if not self.plan.distributed:
@@ -496,6 +516,12 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        if state.get("val_id", self._val_id()) != self._val_id() and self.is_main:  # (checkpoints before 30 Nov: none)
+            print(
+                f"note: the validation batches differ from those of {directory} (the data or --eval-tokens changed): "
+                f"val_loss before and after step {self.step} are not comparable",
+                file=sys.stderr,
+            )
         self._keep_new_hyperparameters(fresh)
         self.tokens_seen, self.nan_skips = state["tokens_seen"], state["nan_skips"]
         self.consecutive_nan, self.elapsed = state["consecutive_nan"], state["elapsed"]

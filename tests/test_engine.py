@@ -342,6 +342,36 @@ def test_held_back_text_is_flushed_when_a_row_ends(tok):
     assert res.texts[0] == text == tok.decode(res.tokens[0]) and "".join(chunks) == text
 
 
+def test_ids_the_tokenizer_lacks_are_never_generated():
+    """The head has 300 rows, the tokenizer 280 ids (a BPE trained on a small corpus stops early): no path
+    (greedy, chunked-eager greedy, sampling, speculative greedy and sampled) emits an id >= 280, which would
+    decode to nothing. The same model without a tokenizer (id prompts) does emit them, so the check can fail;
+    greedy then is the argmax over the tokenizer's ids. A later engine without a tokenizer lifts the limit."""
+    from nanoseek.tokenizer import train_tokenizer
+
+    small = train_tokenizer([TEXT] * 4, vocab_size=280)
+    assert small.vocab_size == 280
+    p = [prompt(9, seed) for seed in range(4)]
+    hot = SamplingParams(2.0, seed=0)
+
+    def ids(e):
+        runs = [e.generate(p, max_new_tokens=24, ignore_eos=True), e.generate(p, 24, hot, ignore_eos=True)]
+        for q in p[:2]:
+            runs += [e.generate(q, 24, speculative=2, ignore_eos=True)]
+            runs += [e.generate(q, 24, SamplingParams(2.0, seed=1), speculative=1, ignore_eos=True)]
+        return [t for r in runs for row in r.tokens for t in row]
+
+    free = engine()
+    assert max(ids(free)) >= 280  # random weights: ~7% of the mass sits above the tokenizer's ids
+    limited = Engine(free.model, small, dtype="fp32")
+    assert max(ids(limited)) < 280
+    with torch.inference_mode():
+        full = free.model(torch.tensor(p))[:, -1]  # [4, 300]; the hook masks it too
+    assert torch.isinf(full[:, 280:]).all()
+    assert limited.generate(p, max_new_tokens=1).tokens == full[:, :280].argmax(-1)[:, None].tolist()
+    assert max(ids(Engine(free.model, None, dtype="fp32"))) >= 280
+
+
 # --- speculative decoding ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("mtp_layers", "k"), [(2, 1), (2, 2), (2, 3), (1, 2)])
 def test_speculative_greedy_equals_plain_greedy(mtp_layers, k):

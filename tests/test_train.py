@@ -223,6 +223,21 @@ def test_resume_trains_with_the_new_lr_weight_decay_and_betas(tmp_path, corpus_d
     assert lrs[4] == pytest.approx(1e-4 * f(3))
 
 
+def test_a_resume_with_other_validation_batches_says_so(tmp_path, corpus_dir, capsys):
+    """The checkpoint records a hash of the validation tokens: resuming with another --eval-tokens (or data whose
+    validation split changed) notes that val_loss no longer continues the curve; the same batches note nothing."""
+    train(tc(tmp_path, corpus_dir, steps=2, save_every=2, eval_every=2))
+    capsys.readouterr()
+    same = tc(tmp_path, corpus_dir, steps=4, save_every=2, eval_every=2, resume="latest")
+    Trainer(same)
+    assert "validation batches differ" not in capsys.readouterr().err
+    Trainer(tc(tmp_path, corpus_dir, steps=4, save_every=2, eval_every=2, resume="latest", eval_tokens=100))
+    step2 = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert f"note: the validation batches differ from those of {step2} (the data or --eval-tokens changed): " in (
+        capsys.readouterr().err
+    )
+
+
 def test_corrupt_checkpoint_files_are_one_line_errors(tmp_path, corpus_dir):
     run = tmp_path / "run"
     train(tc(tmp_path, corpus_dir, steps=3))
@@ -330,6 +345,30 @@ def test_loss_free_balancing_without_a_routing_bias_says_so(tmp_path, corpus_dir
     )
     Trainer(tc(tmp_path / "b", corpus_dir, out=str(tmp_path / "b")))
     assert "needs a routing bias" not in capsys.readouterr().err
+
+
+def test_a_tokenizer_smaller_than_the_model_vocab_or_lossy_is_noted(tmp_path, corpus_dir, capsys):
+    """A corpus too small for vocab_size BPE ids leaves head rows that are never trained: a note says how many
+    (generate never emits them, tests/test_engine.py); a corpus that fills the vocabulary prints nothing."""
+    t = Trainer(tc(tmp_path, corpus_dir, override=[*SMALL, "vocab_size=20000"]))
+    n = t.tok.vocab_size
+    assert 257 < n < 20000
+    assert f"note: this corpus supports a {n}-token BPE, the model has 20000 ids: the other {20000 - n} are never" in (
+        capsys.readouterr().err
+    )
+    b = tc(tmp_path / "b", corpus_dir, out=str(tmp_path / "b"), override=[*SMALL, "vocab_size=400"])
+    assert Trainer(b).tok.vocab_size == 400
+    assert "BPE" not in capsys.readouterr().err
+    # a given tokenizer that loses text (no byte fallback, whitespace pre-tokenizer) is noted too
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    ws = tokenizers.Tokenizer(models.BPE())
+    ws.pre_tokenizer = pre_tokenizers.Whitespace()
+    ws.train_from_iterator(["def f(x): return x"], tokenizers.trainers.BpeTrainer(special_tokens=["</s>"]))
+    ws.save(str(tmp_path / "ws.json"))
+    Trainer(tc(tmp_path / "c", corpus_dir, out=str(tmp_path / "c"), tokenizer=str(tmp_path / "ws.json")))
+    assert f"note: --tokenizer {tmp_path / 'ws.json'} is lossy (" in capsys.readouterr().err
 
 
 def test_mtp_weight_zero_turns_mtp_off(tmp_path, corpus_dir):
