@@ -87,16 +87,20 @@ def _flush_denormal_on() -> bool:
     return torch.tensor(2.0**-130, dtype=torch.float32).item() == 0.0
 
 
-def _decode(q: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _decode(q: torch.Tensor, nan_codes: bool = True) -> tuple[torch.Tensor, float]:
     """Stored values -> a fresh fp32 tensor `v` and a factor `f` with values == v * f exactly.
 
     For float8_e4m3fn on CPU this is a bit shuffle (~4x faster than `q.float()`, which converts element by
     element): sign and the 7 exponent/mantissa bits are moved into an fp32 bit pattern, which reads as the
     value times 2**-120; E4M3 subnormals land on fp32 denormals, so it is skipped if denormals are flushed.
+    The shuffle reads E4M3's NaN code (S.1111.111) as 480, so `nan_codes` puts NaN back there (one more pass
+    over q; see `dequantize` for when it may be skipped).
     """
     if q.dtype == torch.float8_e4m3fn and q.device.type == "cpu" and not _flush_denormal_on():
         bits = q.view(torch.int8).to(torch.int32)
         bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)  # keep 0x87F00000: sign + 7 low bits
+        if nan_codes:
+            bits.masked_fill_(q.view(torch.uint8).bitwise_and(0x7F) == 0x7F, 0x7FC00000)
         return bits.view(torch.float32), 2.0**120
     return q.to(torch.float32, copy=True), 1.0
 
@@ -134,10 +138,19 @@ def quantize(
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, tile: Tile | None = TILE_1x128, dtype: torch.dtype = torch.float32
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    tile: Tile | None = TILE_1x128,
+    dtype: torch.dtype = torch.float32,
+    *,
+    nan_codes: bool = True,
 ) -> torch.Tensor:
-    """Inverse of `quantize`: `q * scale` broadcast over the tiles, computed in fp32, returned in `dtype`."""
-    v, f = _decode(q)
+    """Inverse of `quantize`: `q * scale` broadcast over the tiles, computed in fp32, returned in `dtype`.
+
+    `nan_codes=False` skips restoring E4M3's NaN code as NaN (see `_decode`), for `q` fresh from `quantize`
+    (the FP8 GEMMs' hot path): it writes that code only into tiles whose scale is inf or NaN, so the tile comes
+    out non-finite either way. Any other `q` (a checkpoint's weights) keeps the default."""
+    v, f = _decode(q, nan_codes)
     s = scale.float() * f
     if not bool(torch.isfinite(s).all()):  # a scale >= 2**8 times the decode factor: apply it separately
         v, s = v.mul_(f), scale.float()
@@ -163,7 +176,7 @@ def fake_quant(
     """quantise -> dequantise: the values an FP8 GEMM would see, in `dtype` (default: x's dtype; pass
     torch.float32 to keep them exact, since value * scale is generally not a bf16 number)."""
     q, s = quantize(x, tile, pow2_scale=pow2_scale, fmt=fmt)
-    return dequantize(q, s, tile, dtype or x.dtype)
+    return dequantize(q, s, tile, dtype or x.dtype, nan_codes=False)
 
 
 # ------------------------------------------------------------------- checkpoint blocks (HF loader API)

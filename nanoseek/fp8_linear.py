@@ -92,8 +92,8 @@ def _cuda_run(backend: str, qa, sa, qb, sb, b_tile: Tile | None, out_dtype) -> t
     M, K = qa.shape
     N = qb.shape[0]
     if backend == "emulate":
-        a = dequantize(qa, sa, TILE_1x128 if b_tile else None)
-        return _mm(a, dequantize(qb, sb, b_tile).t(), out_dtype)
+        a = dequantize(qa, sa, TILE_1x128 if b_tile else None, nan_codes=False)
+        return _mm(a, dequantize(qb, sb, b_tile, nan_codes=False).t(), out_dtype)
     if backend == "tensorwise":
         pm, pk, pn = -M % 16, -K % 16, -N % 16
         y = torch._scaled_mm(
@@ -186,7 +186,11 @@ def _fprop(qx, sx, qw, sw, cfg: Fp8Config, out_dtype) -> torch.Tensor:
     if _use_kernels(qx):
         return _qmm_nt(qx, sx, qw, sw, TILE_128x128 if cfg.granularity == "block" else None, out_dtype)
     dt = _operand_dtype(cfg, out_dtype)
-    return _mm(dequantize(qx, sx, cfg.act, dt), dequantize(qw, sw, cfg.weight(qw), dt).t(), out_dtype)
+    return _mm(
+        dequantize(qx, sx, cfg.act, dt, nan_codes=False),
+        dequantize(qw, sw, cfg.weight(qw), dt, nan_codes=False).t(),
+        out_dtype,
+    )
 
 
 def _dgrad(qdy, sdy, qw, sw, cfg: Fp8Config, out_dtype) -> torch.Tensor:
@@ -194,7 +198,11 @@ def _dgrad(qdy, sdy, qw, sw, cfg: Fp8Config, out_dtype) -> torch.Tensor:
         b_tile = TILE_128x128 if cfg.granularity == "block" else None
         return _qmm_nt(qdy, sdy, qw.t().contiguous(), sw.t().contiguous(), b_tile, out_dtype)
     dt = _operand_dtype(cfg, out_dtype)
-    return _mm(dequantize(qdy, sdy, cfg.act, dt), dequantize(qw, sw, cfg.weight(qw), dt), out_dtype)
+    return _mm(
+        dequantize(qdy, sdy, cfg.act, dt, nan_codes=False),
+        dequantize(qw, sw, cfg.weight(qw), dt, nan_codes=False),
+        out_dtype,
+    )
 
 
 def _wgrad(dy: torch.Tensor, x: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
@@ -205,7 +213,11 @@ def _wgrad(dy: torch.Tensor, x: torch.Tensor, cfg: Fp8Config) -> torch.Tensor:
     if _use_kernels(dy):  # canonical layout: tokens last, so the 128x1 tiles become 1x128 tiles
         b_tile = TILE_1x128 if cfg.granularity == "block" else None
         return _qmm_nt(qdy.t().contiguous(), sdy.t(), qx.t().contiguous(), sx.t(), b_tile, torch.float32)
-    return _mm(dequantize(qdy, sdy, cfg.act_t).t(), dequantize(qx, sx, cfg.act_t), torch.float32)
+    return _mm(
+        dequantize(qdy, sdy, cfg.act_t, nan_codes=False).t(),
+        dequantize(qx, sx, cfg.act_t, nan_codes=False),
+        torch.float32,
+    )
 
 
 # ------------------------------------------------------------------------------------------ FP8 Linear
@@ -235,7 +247,7 @@ class Fp8LinearFunction(torch.autograd.Function):
             qdy, sdy = quantize(dy2, cfg.act, pow2_scale=cfg.pow2_scale)
             dx = _dgrad(qdy, sdy, qw, sw, cfg, ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_hat = dequantize(qx, sx, cfg.act)  # the cached copy, re-tiled 128x1 inside _wgrad
+            x_hat = dequantize(qx, sx, cfg.act, nan_codes=False)  # the cached copy, re-tiled 128x1 inside _wgrad
             dw = _wgrad(dy2, x_hat, cfg).to(weight.dtype)
         return dx, dw, None
 
@@ -360,7 +372,9 @@ def _experts_forward(xs, w13, w2, counts, cfg: Fp8Config, impl: str):
     groups = _Groups(counts, T, impl)
     dt = _operand_dtype(cfg, xs.dtype)
     qx, sx = quantize(xs, cfg.act, pow2_scale=cfg.pow2_scale)
-    h = groups.mm(dequantize(qx, sx, cfg.act, dt), _fq_expert_weight(w13, cfg, dt, halves=True), xs.dtype)
+    h = groups.mm(
+        dequantize(qx, sx, cfg.act, dt, nan_codes=False), _fq_expert_weight(w13, cfg, dt, halves=True), xs.dtype
+    )
     qh, sh = quantize(h.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale)  # tiles stay inside gate/up
     hf = h.float()
     a = (F.silu(hf[:, :I]) * hf[:, I:]).to(xs.dtype)
@@ -376,7 +390,7 @@ def _experts_backward(ctx, dout, qx, sx, qh, sh, w13, w2, counts, need: tuple[bo
     groups = _Groups(counts, T, ctx.impl)
     dt = _operand_dtype(cfg, xdt)
     dout = dout.contiguous()
-    h = dequantize(qh, sh, cfg.act).view(T, 2 * I)  # recompute the SwiGLU from its FP8 input
+    h = dequantize(qh, sh, cfg.act, nan_codes=False).view(T, 2 * I)  # recompute the SwiGLU from its FP8 input
     gate, up = h[:, :I], h[:, I:]
     sig = torch.sigmoid(gate)
     silu = gate * sig
@@ -393,7 +407,7 @@ def _experts_backward(ctx, dout, qx, sx, qh, sh, w13, w2, counts, need: tuple[bo
     if need[0]:
         dh_q = fake_quant(dh.view(T, 2, I), cfg.act, pow2_scale=cfg.pow2_scale, dtype=dt).view(T, 2 * I)
         dx = groups.mm(dh_q, _fq_expert_weight(w13, cfg, dt, halves=True).transpose(1, 2), xdt)
-    dw13 = groups.wgrad(dequantize(qx, sx, cfg.act), dh, cfg) if need[1] else None
+    dw13 = groups.wgrad(dequantize(qx, sx, cfg.act, nan_codes=False), dh, cfg) if need[1] else None
     return dx, dw13, dw2
 
 
@@ -528,6 +542,15 @@ def convert_to_fp8(
         absorbed = getattr(m, "impl", None) == "absorb" and isinstance(kv_b, nn.Linear)
         if absorbed and (filter_fn(f"{fqn}.kv_b_proj" if fqn else "kv_b_proj", kv_b) if filter_fn else True):
             raise NanoseekError(ABSORB_FP8)
+    for parent_name, parent in model.named_modules():  # also before: a model left half-converted is no use
+        for name, child in parent.named_children():
+            fqn = f"{parent_name}.{name}" if parent_name else name
+            if not (isinstance(child, nn.Linear) and child.bias is not None):
+                continue
+            if filter_fn(fqn, child) if filter_fn else name in FP8_LINEARS:
+                raise ValueError(
+                    f"convert_to_fp8: {fqn!r} has a bias, which Fp8Linear does not support (nothing converted)"
+                )
     base = Fp8Config(granularity, pow2_scale)
     e5m6 = Fp8Config(granularity, pow2_scale, "e5m6" if o_proj_e5m6 else "e4m3")
     for parent_name, parent in list(model.named_modules()):
