@@ -189,6 +189,30 @@ def test_e5m6_format():
     assert rel(dequantize(q, s, TILE_1x128), x) < 2.0**-8
 
 
+def test_e5m6_subnormals_round_half_to_even_on_the_2_pow_minus_20_grid():
+    """Below 2**-14 E5M6 is subnormal: a fixed quantum of 2**-20, ties to even (1.5 -> 2, 0.5 -> 0 quanta)."""
+    got = round_e5m6(torch.tensor([3 * 2.0**-21, 2.0**-21, 5 * 2.0**-22]))
+    assert torch.equal(got, torch.tensor([2.0**-19, 0.0, 2.0**-20]))
+
+
+def test_invalid_arguments_are_refused_with_a_clear_message():
+    """Bad formats, shapes and options fail loudly; a mismatched scale grid would otherwise broadcast silently
+    (a [1, 2] scale over a [2, 2] tile grid) and an unchecked Fp8Config / bias would be ignored."""
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        quantize(torch.randn(4, 4), fmt="e5m2")
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        quantize(torch.randn(4))
+    q, s = quantize(torch.randn(256, 256), TILE_128x128)
+    with pytest.raises(ValueError, match="tile grid"):
+        dequantize(q, s[:1], TILE_128x128)
+    with pytest.raises(ValueError, match="expects a 2-D weight"):
+        block_dequant(torch.zeros(2, 128, 128).to(torch.float8_e4m3fn), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="cache_format"):
+        Fp8Config(cache_format="e5m2")
+    with pytest.raises(ValueError, match="no bias"):
+        Fp8Linear(4, 4, bias=True)
+
+
 # ----------------------------------------------------------------------------------- checkpoint blocks
 def test_block_quant_roundtrip_and_checkpoint_layout():
     w = torch.randn(576, 300) * 0.02
@@ -212,6 +236,21 @@ def test_block_quant_roundtrip_and_checkpoint_layout():
     assert rel(block_dequant(q, s), w) < 0.04
     q2, s2 = block_quant(w, pow2_scale=True)
     assert (torch.frexp(s2)[0] == 0.5).all() and rel(block_dequant(q2, s2), w) < 0.05
+
+
+def test_e4m3_nan_codes_dequantize_to_nan():
+    """E4M3 (fn) has no inf; 0x7F / 0xFF are NaN. The CPU bit-shuffle decode must not turn them into +-480
+    (a NaN in a checkpoint or an activation must reach the loss), and only the element holding one is NaN."""
+    codes = torch.tensor([[0x7F, 0xFF] * 64], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    q = torch.full((1, 128), float("nan")).to(torch.float8_e4m3fn)
+    for c in (codes, q):
+        assert dequantize(c, torch.ones(1, 1), TILE_1x128).isnan().all()
+    w = (torch.randn(128, 128) * 10).to(torch.float8_e4m3fn)
+    w.view(torch.uint8)[5, 7] = 0x7F
+    out = block_dequant(w, torch.ones(1, 1))
+    nan = torch.zeros(128, 128, dtype=torch.bool)
+    nan[5, 7] = True
+    assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan], w.float()[~nan])
 
 
 # ----------------------------------------------------------------------------------------- FP8 Linear
@@ -319,6 +358,17 @@ def test_fp8_linear_module_keeps_the_parameter():
         Fp8Config(granularity="row")
 
 
+def test_frozen_weight_still_gives_the_input_its_gradient():
+    """A frozen Fp8Linear (fine-tuning part of a model) must still run Dgrad: the layers before it train."""
+    lin = Fp8Linear(256, 64)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(4, 256, requires_grad=True)
+    lin(x).sum().backward()
+    _, dx, _ = ref_linear(x.detach(), lin.weight.detach(), torch.ones(4, 64))
+    assert lin.weight.grad is None and x.grad is not None
+    assert rel(x.grad, dx) < 1e-6
+
+
 # ------------------------------------------------------------------------------------ FP8 routed experts
 def plain_experts(xs, w13, w2, counts):
     I = w2.shape[1]
@@ -385,41 +435,63 @@ def test_fp8_experts_gradients_and_kernels():
     assert res["bmm"][2][1].abs().sum() == 0  # the expert that got no tokens gets a zero gradient
 
 
-def ref_experts_grads(xs, w13, w2, counts, dout):
+def ref_experts_grads(xs, w13, w2, counts, dout, granularity="block"):
     """dx, dW13, dW2 of the recipe in float64, per expert: x, the cached h and dout quantised 1x128 (h within
     gate and up), the weights 128x128 (gate and up separately), and each Wgrad's operands re-tiled 128x1 along
-    the expert's own tokens."""
-    I = w2.shape[1]
-    dxs, dw13, dw2 = [], torch.zeros(w13.shape, dtype=torch.float64), torch.zeros(w2.shape, dtype=torch.float64)
-    for e, (x_e, g_e) in enumerate(zip(xs.split(counts.tolist()), dout.split(counts.tolist()))):
-        if not len(x_e):
-            continue  # no tokens: zero dW, no dx rows
-        wq = torch.cat([ref_fake_quant(w13[e, :, :I], TILE_128x128), ref_fake_quant(w13[e, :, I:], TILE_128x128)], 1)
-        xq = ref_fake_quant(x_e, TILE_1x128)
-        h = (xq @ wq).float()
-        h = torch.cat([ref_fake_quant(h[:, :I], TILE_1x128), ref_fake_quant(h[:, I:], TILE_1x128)], 1)
-        gate, up = h[:, :I], h[:, I:]
-        sig = torch.sigmoid(gate)
-        da = ref_fake_quant(g_e, TILE_1x128) @ ref_fake_quant(w2[e], TILE_128x128).T
-        dw2[e] = ref_fake_quant((gate * sig * up).float(), TILE_128x1).T @ ref_fake_quant(g_e, TILE_128x1)
-        dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], 1).float()
-        dhq = torch.cat([ref_fake_quant(dh[:, :I], TILE_1x128), ref_fake_quant(dh[:, I:], TILE_1x128)], 1)
-        dxs.append(dhq @ wq.T)
-        dw13[e] = ref_fake_quant(xq.float(), TILE_128x1).T @ ref_fake_quant(dh, TILE_128x1)
-    return torch.cat(dxs), dw13, dw2
+    the expert's own tokens. granularity="tensor": one scale per expert weight matrix (gate and up separately)
+    and one per activation / gradient over all experts' rows, Wgrad's operands included. What the kernels
+    output in the activation dtype (h, da, dh, dx and the SwiGLU output fed to Wgrad) is rounded to xs.dtype."""
+    block = granularity == "block"
+    act, wt = (TILE_1x128, TILE_128x128) if block else (None, None)
+    I, rows = w2.shape[1], counts.tolist()
+
+    def rd(t):  # stored in the activation dtype, computed in fp32
+        return t.float().to(xs.dtype).double()
+
+    def halves(t, tile):  # quantised separately: the checkpoint's w1 / w3; the gate and up halves of h, dh
+        return torch.cat([ref_fake_quant(t[:, :I], tile), ref_fake_quant(t[:, I:], tile)], 1)
+
+    def per_expert(a, ws):  # a's rows of each expert times that expert's matrix
+        return torch.cat([a_e @ ws[e] for e, a_e in enumerate(a.split(rows))])
+
+    def wgrad(a, b):
+        if not block:
+            a, b = ref_fake_quant(a, None), ref_fake_quant(b, None)
+        out = torch.zeros(len(rows), a.shape[1], b.shape[1], dtype=torch.float64)
+        for e, (a_e, b_e) in enumerate(zip(a.split(rows), b.split(rows))):
+            if len(a_e):  # no tokens: zero dW
+                out[e] = ref_fake_quant(a_e, TILE_128x1).T @ ref_fake_quant(b_e, TILE_128x1) if block else a_e.T @ b_e
+        return out
+
+    wq13, wq2 = [halves(w, wt) for w in w13], [ref_fake_quant(w, wt) for w in w2]
+    xq = ref_fake_quant(xs, act)
+    h = rd(per_expert(xq, wq13))
+    h = halves(h, act) if block else ref_fake_quant(h, None)  # the FP8 cache the SwiGLU is recomputed from
+    gate, up = h[:, :I], h[:, I:]
+    sig = torch.sigmoid(gate)
+    da = rd(per_expert(ref_fake_quant(dout, act), [w.T for w in wq2]))
+    dh = rd(torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], 1))
+    dhq = halves(dh, act) if block else ref_fake_quant(dh, None)
+    dx = rd(per_expert(dhq, [w.T for w in wq13]))
+    return dx, wgrad(xq, dh), wgrad(rd(gate * sig * up), dout)
 
 
-def test_fp8_experts_gradients_equal_the_recipe_in_float64():
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("granularity", ["block", "tensor"])
+def test_fp8_experts_gradients_equal_the_recipe_in_float64(granularity, dtype):
     """All three gradients against an independent float64 reference of the recipe (tiling axes included: a
-    Wgrad tiled 1x128 instead of 128x1, or run without FP8, moves dW by ~3%)."""
+    Wgrad tiled 1x128 instead of 128x1, or run without FP8, moves dW by ~3%). Per-tensor scaling (reached by
+    `--fp8-granularity tensor`) takes one Wgrad scale over all experts' rows; with bf16 activations the SwiGLU
+    output fed to dW2's Wgrad is rounded to bf16 first, like every other activation-dtype operand."""
     xs, w13, w2, counts = expert_inputs()
-    dout = torch.randn(xs.shape[0], w2.shape[-1])
-    want = ref_experts_grads(xs, w13, w2, counts, dout)
+    xs = xs.to(dtype)
+    dout = torch.randn(xs.shape[0], w2.shape[-1]).to(dtype)
+    want = ref_experts_grads(xs, w13, w2, counts, dout, granularity)
     for impl in ("bmm", "loop"):
         leaves = [t.clone().requires_grad_() for t in (xs, w13, w2)]
-        fp8_expert_mlp(*leaves, counts, impl=impl).backward(dout)
+        fp8_expert_mlp(*leaves, counts, Fp8Config(granularity), impl=impl).backward(dout)
         for name, got, ref in zip(("dx", "dW13", "dW2"), (t.grad for t in leaves), want):
-            assert rel(got, ref) < 1e-4, (impl, name, rel(got, ref))  # measured 4e-7
+            assert rel(got, ref) < 1e-4, (impl, name, rel(got, ref))  # measured 4e-7 (fp32, block)
 
 
 def test_fp8_experts_save_fp8_and_handle_empty():
@@ -438,6 +510,15 @@ def test_fp8_experts_save_fp8_and_handle_empty():
     empty = fp8_expert_mlp(xs[:0], w13, w2, torch.zeros(6, dtype=torch.long))
     empty.sum().backward()
     assert empty.shape == (0, d) and w13.grad is not None
+
+
+def test_auto_expert_kernel_follows_the_load_skew():
+    """auto: one bmm over equal-capacity buckets while they hold at most 2x the rows, else the per-expert loop
+    (a bmm over E buckets of the largest expert's size would be mostly padding)."""
+    from nanoseek.fp8_linear import _Groups
+
+    assert _Groups(torch.tensor([100, 0, 0, 0]), 100).impl == "loop"  # 4 x 100 slots for 100 rows
+    assert _Groups(torch.tensor([25] * 4), 100).impl == "bmm"  # 4 x 25: no padding
 
 
 # ------------------------------------------------------------------------------------- precision policy
@@ -555,6 +636,8 @@ def test_kernel_layouts_via_cpu_scaled_mm(monkeypatch, granularity):
     ref = linear_grads(lambda a, b: fp8_linear(a, b, cfg), x, w, dy)
     for g, r in zip(got, ref):
         assert rel(g, r) < 1e-6
+    # a layout that raises would fall back to the emulation (and match it): the kernel must have stayed in use
+    assert all(v == backend for v in fl._CUDA_BACKENDS.values()), fl._CUDA_BACKENDS
 
 
 def test_blockwise_scaled_mm_layouts(monkeypatch):
@@ -586,6 +669,35 @@ def test_blockwise_scaled_mm_layouts(monkeypatch):
     monkeypatch.setattr(fl, "_use_kernels", lambda t: False)
     for g, r in zip(got, linear_grads(fp8_linear, x, w, dy)):
         assert rel(g, r) < 1e-6
+    assert all(v == "blockwise" for v in fl._CUDA_BACKENDS.values()), fl._CUDA_BACKENDS  # no silent fallback
+
+
+def test_a_failing_cuda_kernel_is_replaced_by_the_emulation_once_and_for_all(monkeypatch):
+    """A kernel that raises on a shape its probe did not cover must be dropped for good (its table entry
+    becomes "emulate"), not retried on every call at the cost of a failed launch and a warning each time."""
+    from nanoseek import fp8_linear as fl
+
+    real, calls = fl._cuda_run, []
+
+    def flaky(backend, *args):
+        calls.append(backend)
+        if backend == "kblock":
+            raise RuntimeError("kblock: shape not supported")
+        return real(backend, *args)
+
+    key = (None, "128x128", F32)  # Fprop of a block-scaled fp32 Linear on a device without an index
+    monkeypatch.setattr(fl, "_cuda_run", flaky)
+    monkeypatch.setattr(fl, "_use_kernels", lambda t: True)
+    monkeypatch.setattr(fl, "_CUDA_BACKENDS", {key: "kblock"})
+    x, w = torch.randn(70, 200), torch.randn(150, 200) * 0.05
+    with torch.no_grad():
+        y1 = fp8_linear(x, w)
+        assert calls == ["kblock", "emulate"] and fl._CUDA_BACKENDS[key] == "emulate"
+        y2 = fp8_linear(x, w)
+    assert calls == ["kblock", "emulate", "emulate"]  # the second call goes straight to the emulation
+    monkeypatch.setattr(fl, "_use_kernels", lambda t: False)
+    ref = fp8_linear(x, w)
+    assert torch.equal(y1, ref) and torch.equal(y2, ref)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
@@ -601,6 +713,8 @@ def test_cuda_fp8_linear_matches_cpu_emulation(granularity):
     for g, c in zip(gpu, cpu):
         assert rel(g.cpu(), c) < 1e-2  # FP8 tensor cores accumulate with ~14 bits inside each 128-block
     print("CUDA backends:", fl._CUDA_BACKENDS)
+    if torch.cuda.get_device_capability() >= (8, 9):  # FP8 tensor cores: the emulation alone would also match
+        assert any(v != "emulate" for v in fl._CUDA_BACKENDS.values()), fl._CUDA_BACKENDS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -674,6 +788,40 @@ def test_fused_fp8_swiglu_saves_no_copy_of_the_weights():
     assert all(p.grad is not None and p.grad.shape == p.shape for p in mlp.parameters())
 
 
+def test_fused_fp8_swiglu_handles_empty_input_and_a_frozen_gate():
+    """A shared expert can see no tokens (empty micro-batch slice): the output is empty and every weight still
+    gets a (zero) gradient. With gate_proj frozen, up_proj and down_proj get the gradients they get unfrozen."""
+    from nanoseek.model.layers import MLP
+
+    mlp = MLP(256, 384)
+    convert_to_fp8(mlp)
+    y = mlp(torch.randn(0, 256, requires_grad=True))
+    y.sum().backward()
+    assert y.shape == (0, 256) and mlp.gate_proj.weight.grad is not None
+    x = torch.randn(4, 256)
+    mlp.zero_grad(set_to_none=True)
+    mlp(x).sum().backward()
+    full = {n: p.grad for n, p in mlp.named_parameters()}
+    mlp.zero_grad(set_to_none=True)
+    mlp.gate_proj.weight.requires_grad_(False)
+    mlp(x).sum().backward()
+    assert mlp.gate_proj.weight.grad is None
+    for name in ("up_proj.weight", "down_proj.weight"):
+        assert torch.equal(mlp.get_parameter(name).grad, full[name]), name
+
+
+def test_fused_fp8_swiglu_needs_one_config_for_all_three_projections():
+    """The fused SwiGLU quantises all three weights with gate_proj's config: it must not be installed when the
+    projections were configured differently (here a pow2 down_proj the filter leaves as it is)."""
+    from nanoseek.model.layers import MLP
+
+    mlp = MLP(256, 384)
+    mlp.down_proj = Fp8Linear.from_linear(mlp.down_proj, Fp8Config(pow2_scale=True))
+    convert_to_fp8(mlp, filter_fn=lambda n, m: not n.endswith("down_proj"))
+    assert isinstance(mlp.gate_proj, Fp8Linear) and mlp.down_proj.fp8.pow2_scale
+    assert "forward" not in mlp.__dict__
+
+
 def test_fp8_refuses_the_absorbed_attention_path():
     """Absorbed MLA multiplies by kv_b_proj's weight in the attention core: an FP8 kv_b_proj would be skipped."""
     from nanoseek.model.transformer import Transformer
@@ -687,6 +835,30 @@ def test_fp8_refuses_the_absorbed_attention_path():
     with pytest.raises(NanoseekError, match="FP8 Linears need attn_impl=naive"):
         model.set_attn_impl("absorb")
     assert model.cfg.attn_impl == "naive"
+
+
+def test_convert_to_fp8_options_filter_and_experts():
+    """The absorb refusal is only for the projections the absorbed path multiplies itself: a filter that leaves
+    kv_b_proj alone converts an absorb model (o_proj and q_a_proj of 2 layers + 1 MTP layer). experts=False
+    keeps the routed experts in high precision."""
+    from nanoseek.model.transformer import Transformer
+
+    m = Transformer(get_preset("tiny").replace(num_hidden_layers=2, first_k_dense_replace=1, attn_impl="absorb"))
+    convert_to_fp8(m, filter_fn=lambda n, _: n.split(".")[-1] in ("o_proj", "q_a_proj"))
+    fp8 = [n for n, mod in m.named_modules() if isinstance(mod, Fp8Linear)]
+    assert len(fp8) == 6 and all(n.endswith(("o_proj", "q_a_proj")) for n in fp8)
+    m = _StandIn()
+    convert_to_fp8(m, experts=False)
+    assert type(m.experts.mlp_sorted).__name__ != "_Fp8MlpSorted" and isinstance(m.mlp.gate_proj, Fp8Linear)
+
+
+def test_convert_to_fp8_refuses_a_biased_linear_before_swapping_anything():
+    """Fp8Linear has no bias: a selected Linear with one is an error naming it, raised before the model is
+    half-converted (which would leave it in a state neither precision's checkpoint or optimizer expects)."""
+    m = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="'1'"):
+        convert_to_fp8(m, filter_fn=lambda n, mod: True)
+    assert [type(c).__name__ for c in m] == ["Linear", "Linear"]
 
 
 def test_non_finite_values_stay_non_finite():

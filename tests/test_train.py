@@ -170,13 +170,15 @@ def test_resume_edge_cases(tmp_path, corpus_dir):
 
 def test_resume_onto_a_read_only_run_directory_is_one_line(tmp_path, corpus_dir, monkeypatch):
     import nanoseek.train as tr
+    import nanoseek.train_checkpoint as tcp
 
     train(tc(tmp_path, corpus_dir, steps=2, save_every=2, eval_every=2))
 
     def read_only(path, text):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(tr, "atomic_write_text", read_only)
+    monkeypatch.setattr(tcp, "atomic_write_text", read_only)  # the trimmed metrics.jsonl, written first
+    monkeypatch.setattr(tr, "atomic_write_text", read_only)  # train_config.json
     with pytest.raises(NanoseekError, match=r"--resume: cannot write the run directory .*: Read-only file system"):
         train(tc(tmp_path, corpus_dir, steps=3, resume="latest"))
 
