@@ -47,7 +47,10 @@ def add_cli(sub) -> None:
 def check_destination(dst: Path, protected: dict[str, Path]) -> Path:
     """The resolved `dst` if writing it loses nothing, else a one-line refusal. `protected` names directories
     (the source, the current directory) that DST must neither be nor contain."""
-    full = dst.resolve()
+    try:
+        full = dst.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise NanoseekError(f"destination {dst}: {e}") from None
     for what, p in protected.items():
         if full == p or full in p.parents:
             raise NanoseekError(f"destination {dst} is {what} or a directory above it; choose another directory")

@@ -130,7 +130,10 @@ def _config_from_hf(d: dict, source: str) -> ModelConfig:
             rope_factor=float(
                 rope.get("factor") or d["max_position_embeddings"] / rope["original_max_position_embeddings"]
             ),
-            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)),
+            # absent: the context length itself, as transformers reads it (with a factor given)
+            original_max_position_embeddings=int(
+                rope.get("original_max_position_embeddings", d["max_position_embeddings"])
+            ),
             beta_fast=float(rope.get("beta_fast") or 32),
             beta_slow=float(rope.get("beta_slow") or 1),
             mscale=float(rope.get("mscale") or 0.0),
@@ -285,8 +288,12 @@ class _Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         """The tensor as fp32 (FP8 weights are dequantised with their 128x128 `_scale_inv`)."""
         t = self._raw(key)
-        if t.element_size() == 1 and t.is_floating_point():
-            skey = key + "_scale_inv"
+        skey = key + "_scale_inv"
+        if not t.is_floating_point():  # e.g. int8 codes: read as numbers they would be weights 100x too large
+            raise NanoseekError(f"{self.path}: {key} is {t.dtype}; expected floating-point (or float8) weights")
+        if t.element_size() != 1 and skey in self.where:  # its scale would be dropped without a word
+            raise NanoseekError(f"{self.path}: {key} is {t.dtype} but has a {skey}: only float8 weights take one")
+        if t.element_size() == 1:
             if skey not in self.where:
                 raise NanoseekError(f"{self.path}: FP8 tensor {key} has no {skey}")
             try:
@@ -371,7 +378,10 @@ def load_pretrained(
                 elif main in sd and not torch.equal(t, sd[main]):
                     own[f"{k}.{sub}"] = t
 
-    unexpected = sorted(k for k in ckpt.where if k not in ckpt.used and not k.endswith("_scale_inv"))
+    def is_scale(k: str) -> bool:  # a used weight's scale; one without its weight is reported as unexpected
+        return k.endswith("_scale_inv") and k.removesuffix("_scale_inv") in ckpt.where
+
+    unexpected = sorted(k for k in ckpt.where if k not in ckpt.used and not is_scale(k))
     problems = [
         _listing(title, items)
         for title, items in (
