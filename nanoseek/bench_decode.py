@@ -68,6 +68,7 @@ def _model_dir(model: str | None, quick: bool) -> tuple[Path | None, str]:
     except ModuleNotFoundError:
         return None, "random (nanoseek train is not available)"
     cmd = [sys.executable, "-m", "nanoseek", "train", "--preset", "tiny", "--out", str(run), "--no-progress"]
+    cmd += ["--threads", str(torch.get_num_threads())]  # the bench's --threads (set before this) applies here too
     cmd += QUICK_TRAIN if quick else []
     log(f"training the bench model: {' '.join(cmd[2:])}")
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -207,7 +208,9 @@ def test_delegated_benches(name, module, func, tmp_path, monkeypatch):
         run(name, BenchOptions(quick=True, out=tmp_path, model="runs/some-model"))
         assert calls[-1] == (True, "runs/some-model")
     else:  # the other benches train their own arms: --model is a one-line error, not ignored
-        with pytest.raises(NanoseekError, match="--model applies to the decode bench"):
+        with pytest.raises(
+            NanoseekError, match=rf"the {name} bench does not use --model \(--model applies to: decode\)"
+        ):
             run(name, BenchOptions(quick=True, out=tmp_path, model="runs/some-model"))
 
 
@@ -258,6 +261,93 @@ def test_cli_prints_one_json_object_last(tmp_path, capsys):
     assert main(["bench", "balance", "--steps", "0", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--steps" in err[0]
+
+
+def test_bad_out_and_options_a_bench_does_not_use_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """--out that cannot be written fails before the bench runs (it failed with a traceback from the first plot);
+    an option the bench does not read is refused rather than ignored, and nothing is created for a refusal."""
+    from nanoseek.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["kv", "--out", str(tmp_path / "afile")], f"error: --out {tmp_path / 'afile'} is a file, not a directory"),
+        (["kv", "--out", str(tmp_path / "afile" / "sub")], "error: cannot write --out"),
+        (["kv", "--steps", "3"], "error: the kv bench does not use --steps (--steps applies to: balance, mtp,"),
+        (["train", "--seeds", "2"], "error: the train bench does not use --seeds"),
+        (["comm", "--reuse", "--data", "x"], "error: the comm bench does not use --data, --reuse (--data applies"),
+        (["balance", "--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+    ]
+    for argv, needle in cases:
+        out = tmp_path / "never"
+        args = argv if "--out" in argv else [*argv, "--out", str(out)]
+        assert main(["bench", *args, "--quick"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(needle) and err.count("\n") == 1, (argv, err)
+        assert not out.exists(), argv
+    assert main(["bench", "list", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(BENCHES)
+
+
+def test_report_reruns_a_result_of_another_shape_and_finds_plots_from_elsewhere(suite, tmp_path, monkeypatch):
+    """A result.json that parses but is not this bench's (a list, another bench's) is run again, with one log
+    line saying why; saved plot paths relative to another working directory are found in the bench's folder;
+    the training options reach only the benches that read them."""
+    import shutil
+
+    from nanoseek.bench import report as rep
+
+    root, _ = suite
+    copy = tmp_path / "bench"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("runs"))
+    (copy / "kv").mkdir(exist_ok=True)
+    (copy / "kv" / "result.json").write_text("[]")
+    (copy / "comm").mkdir(exist_ok=True)
+    (copy / "comm" / "result.json").write_text(json.dumps({"bench": "kv"}))
+    saved = json.loads((copy / "balance" / "result.json").read_text())  # as `cd elsewhere; nanoseek bench` saves
+    saved["plots"] = [f"runs/bench/balance/{Path(p).name}" for p in saved["plots"]]
+    (copy / "balance" / "result.json").write_text(json.dumps(saved))
+    reran = []
+
+    def fake_run(name, sub):
+        reran.append((name, sub.steps, sub.reuse))
+        return {"bench": name, "quick": True, "goals": []}
+
+    monkeypatch.setattr("nanoseek.bench.run", fake_run)
+    monkeypatch.chdir(tmp_path)  # the saved plot paths were written relative to another directory
+    results, missing = rep.collect(BenchOptions(quick=True, out=copy / "report", steps=3, reuse=True))
+    assert sorted(reran) == [("comm", None, False), ("decode", None, False), ("kv", None, False)] and not missing
+    plots = results["balance"]["plots"]
+    assert plots and all(Path(p).exists() and Path(p).parent == copy / "balance" for p in plots)
+
+
+def test_tables_escape_pipes_and_delegated_reports_show_only_their_own_files(tmp_path):
+    from nanoseek.bench.common import Report, table
+    from nanoseek.bench.delegate import render
+
+    assert table(["goal"], [["|mean| + 2 s.e."]]).splitlines()[-1] == "| \\|mean\\| + 2 s.e. |"
+    (tmp_path / "old.png").write_bytes(b"")
+    before = set(tmp_path.iterdir())
+    (tmp_path / "new.png").write_bytes(b"")
+    report = Report("comm", "t", BenchOptions(out=tmp_path))
+    render({"x": 1}, report, tmp_path, before)
+    assert report.plots == [str(tmp_path / "new.png")]
+
+
+def test_code_version_tells_uncommitted_states_apart(monkeypatch):
+    import nanoseek.bench.common as common
+
+    outputs = {"rev-parse": "abc123\n", "diff": "", "ls-files": ""}
+
+    def fake(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout=outputs[cmd[1]])
+
+    monkeypatch.setattr(common.subprocess, "run", fake)
+    assert common.code_version() == "abc123"
+    outputs["diff"] = "+a change\n"
+    one = common.code_version()
+    outputs["diff"] = "+another change\n"
+    two = common.code_version()
+    assert one.startswith("abc123-dirty-") and two.startswith("abc123-dirty-") and one != two
 
 
 def test_report_files_are_relative(suite):

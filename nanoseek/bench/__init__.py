@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,20 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 MODEL_BENCHES = ("decode",)  # the benches that take `--model DIR` (the others train their own arms)
+TRAINING = frozenset({"seeds", "steps", "data", "reuse"})
+# the options each bench reads; any other one given is refused rather than silently ignored
+OPTIONS: dict[str, frozenset[str]] = {
+    "kv": frozenset(),
+    "balance": TRAINING,
+    "mtp": TRAINING,
+    "train": frozenset({"data"}),
+    "attention": TRAINING,
+    "moe": TRAINING,
+    "decode": frozenset({"model"}),
+    "fp8": TRAINING,
+    "comm": frozenset(),
+    "report": TRAINING,
+}
 
 
 def bench_module(name: str):
@@ -60,15 +75,14 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     opts = opts or BenchOptions(**kw)
     opts.name = name
     mod = bench_module(name)
-    if opts.model is not None and name not in MODEL_BENCHES:
-        raise NanoseekError(f"--model applies to the {', '.join(MODEL_BENCHES)} bench, not {name!r}")
+    check_options(name, opts)
     import torch
 
     threads = torch.get_num_threads()
     set_threads(opts.threads)  # before anything is written
     try:
         opts.out = Path(opts.out) if opts.out is not None else Path("runs/bench") / name
-        opts.out.mkdir(parents=True, exist_ok=True)
+        writable_dir(opts.out)
         machine = machine_info()
         report = Report(name, mod.TITLE, opts)
         t0 = time.perf_counter()
@@ -92,8 +106,41 @@ def run(name: str, opts: BenchOptions | None = None, **kw) -> dict:
     return result
 
 
+def check_options(name: str, opts: BenchOptions) -> None:
+    """Refuse options the bench does not read (a `--steps` given to kv would be ignored without a word) and
+    bad values, before anything is written."""
+    given = {k for k in ("seeds", "steps", "data", "model") if getattr(opts, k) is not None}
+    given |= {"reuse"} if opts.reuse else set()
+    extra = sorted(given - OPTIONS.get(name, frozenset()))
+    if extra:
+        flags = ", ".join(f"--{k}" for k in extra)
+        takers = [b for b, o in OPTIONS.items() if extra[0] in o]
+        raise NanoseekError(f"the {name} bench does not use {flags} (--{extra[0]} applies to: {', '.join(takers)})")
+    for k in ("seeds", "steps"):
+        if getattr(opts, k) is not None and getattr(opts, k) < 1:
+            raise NanoseekError(f"--{k} must be >= 1, got {getattr(opts, k)}")
+
+
+def writable_dir(out: Path) -> None:
+    """Create `out` and check a file can be written there, so a bad --out fails in one line before the bench
+    runs (not with a traceback from the first plot, minutes later)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise NanoseekError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise NanoseekError(f"cannot write --out {out}: {e.strerror or e}") from None
+
+
 def _cli(args) -> None:
     if args.name == "list":
+        if args.json:
+            print(json.dumps({k: h for k, (_, h) in BENCHES.items()}))
+            return
         for k, (_, h) in BENCHES.items():
             print(f"{k:10s} {h}")
         return

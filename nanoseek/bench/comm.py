@@ -13,9 +13,10 @@ TITLE = "Communication: expert-parallel traffic, overlap, pipeline bubbles"
 def run(opts: BenchOptions, report: Report) -> dict:
     from ..parallel import bench as mod
 
+    before = set(opts.out.iterdir())  # files already in --out are not this run's
     result = dict(mod.run_comm_bench(quick=opts.quick))
     plots(result, opts.out)
-    render(result, report, opts.out)
+    render(result, report, opts.out, before)
     return result
 
 

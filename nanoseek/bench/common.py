@@ -8,8 +8,10 @@ load average at the start and end of each bench.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -115,10 +117,18 @@ def code_version() -> str:
     try:
         run = dict(cwd=repo, capture_output=True, text=True, timeout=10, check=True)
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "nanoseek"], **run).stdout
+        new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "nanoseek"], **run).stdout
     except (OSError, subprocess.SubprocessError):
         return __version__
-    return f"{head}-dirty" if dirty else head
+    if not (diff or new):
+        return head
+    # two different uncommitted states must not look alike: the diff (and new files' contents) hashed
+    h = hashlib.sha256(diff.encode("utf-8", "surrogateescape"))
+    for f in new.split():
+        with contextlib.suppress(OSError):
+            h.update(f.encode() + (repo / f).read_bytes())
+    return f"{head}-dirty-{h.hexdigest()[:8]}"
 
 
 def machine_info() -> dict:
@@ -292,7 +302,7 @@ def fmt(v, digits: int = 4) -> str:
 
 def table(headers: Sequence[str], rows: Iterable[Sequence], digits: int = 4) -> str:
     """A GitHub markdown table (also readable as plain text on a terminal)."""
-    cells = [[fmt(c, digits) for c in r] for r in rows]
+    cells = [[fmt(c, digits).replace("|", "\\|") for c in r] for r in rows]  # a "|" in a cell splits it
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -12,9 +12,10 @@ TITLE = "Decoding: ours vs transformers, speculative decoding"
 def run(opts: BenchOptions, report: Report) -> dict:
     from .. import bench_decode as mod
 
+    before = set(opts.out.iterdir())  # files already in --out are not this run's
     result = dict(mod.run(quick=opts.quick, out_dir=opts.out, model=opts.model))
     plots(result, opts.out)
-    render(result, report, opts.out)
+    render(result, report, opts.out, before)
     return result
 
 

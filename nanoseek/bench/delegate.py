@@ -36,7 +36,8 @@ def _record_lists(obj, prefix: str = "") -> list[tuple[str, list[dict]]]:
     return out
 
 
-def render(result: dict, report: Report, out_dir: Path) -> None:
+def render(result: dict, report: Report, out_dir: Path, before: set[Path] = frozenset()) -> None:
+    """`before`: the files `out_dir` held before the bench ran; only the others are shown as its own."""
     scalars = _flatten(result)
     if scalars:
         report.table(["key", "value"], scalars[:200], title="Result")
@@ -44,8 +45,8 @@ def render(result: dict, report: Report, out_dir: Path) -> None:
         keys = list(dict.fromkeys(k for r in records for k, v in r.items() if not isinstance(v, (dict, list))))
         if keys:
             report.table(keys, [[r.get(k) for k in keys] for r in records], title=name)
-    for png in sorted(Path(out_dir).glob("*.png")):
+    for png in sorted(set(Path(out_dir).glob("*.png")) - before):
         report.plot(png, png.stem)
-    for md in sorted(Path(out_dir).glob("*.md")):
+    for md in sorted(set(Path(out_dir).glob("*.md")) - before):
         if md.name != f"{report.name}.md":
             report.text(f"The delegated bench also wrote [{md.name}]({md.name}).")

@@ -23,27 +23,35 @@ ORDER = ["kv", "balance", "mtp", "train", "attention", "moe", "decode", "fp8", "
 
 
 def collect(opts: BenchOptions) -> tuple[dict[str, dict], dict[str, str]]:
+    from . import OPTIONS
     from . import run as run_bench
 
     root = Path(opts.out).parent
     results, missing = {}, {}
     for name in ORDER:
         path = root / name / "result.json"
+        why = "no saved result"
         if path.exists():
             try:
-                results[name] = json.loads(path.read_text())
-                continue
+                saved = json.loads(path.read_text())
             except ValueError:
-                log(f"report: {path} is not valid JSON; running {name} again")
-        log(f"report: no saved result for {name}; running it")
+                saved, why = None, f"{path} is not valid JSON"
+            if isinstance(saved, dict) and saved.get("bench") == name:
+                results[name] = _with_paths(saved, root / name)
+                continue
+            if saved is not None:  # another shape: hand-edited, or another version's
+                why = f"{path} is not a {name} result"
+        log(f"report: {why}; running {name}")
+        # the training options reach the benches that read them (a --steps given to kv would be refused)
+        take = OPTIONS[name]
         sub = BenchOptions(
             quick=opts.quick,
             out=root / name,
-            seeds=opts.seeds,
-            steps=opts.steps,
-            data=opts.data,
+            seeds=opts.seeds if "seeds" in take else None,
+            steps=opts.steps if "steps" in take else None,
+            data=opts.data if "data" in take else None,
             threads=opts.threads,
-            reuse=opts.reuse,
+            reuse=opts.reuse and "reuse" in take,
             argv=[name, *(["--quick"] if opts.quick else [])],
         )
         try:
@@ -52,6 +60,21 @@ def collect(opts: BenchOptions) -> tuple[dict[str, dict], dict[str, str]]:
             missing[name] = str(e)
             log(f"report: {name} unavailable: {e}")
     return results, missing
+
+
+def _with_paths(result: dict, out_dir: Path) -> dict:
+    """A saved result's report and plot paths were written relative to where its bench ran: found from
+    elsewhere (`bench report` run in another directory) they are looked up in the bench's own directory."""
+
+    def here(p):
+        return p if not isinstance(p, str) or Path(p).exists() else str(out_dir / Path(p).name)
+
+    plots = result.get("plots")
+    return {
+        **result,
+        "report": here(result.get("report")),
+        "plots": [here(p) for p in plots] if isinstance(plots, list) else [],
+    }
 
 
 def _get(d: dict | None, *keys, default=None):
