@@ -61,10 +61,16 @@ def _mkdir_unique(parent: Path, prefix: str) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `path` whole or not at all (a kill mid-write leaves the old file); a failed write leaves no
+    temporary file behind either."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def free_space_note(path: str | Path) -> str:

@@ -5,14 +5,16 @@ Run: python -m pytest -q tests/test_convert.py
 
 import json
 import os
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import micro_config, randomize_bias
 
 from nanoseek import NanoseekError
-from nanoseek.checkpoint import load_model, save_model
+from nanoseek.checkpoint import list_checkpoints, load_model, resolve, save_model
 from nanoseek.cli import main
 from nanoseek.convert import convert
 from nanoseek.model import Transformer
@@ -218,19 +220,21 @@ def test_bf16_conversions_store_bf16_weights_and_an_fp32_routing_bias(run_dir, t
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_convert_refuses_a_destination_holding_only_a_config(run_dir, tmp_path):
-    """A directory with a config.json and no weights is not a model directory: replacing it would lose the
-    config (perhaps the only copy of a hand-written one), so it is refused and left as it was."""
+def test_convert_refuses_a_destination_holding_only_a_config_or_only_weights(run_dir, tmp_path):
+    """A directory with a config.json and no weights, or weights and no config.json, is not a model directory:
+    replacing it would lose what it holds (perhaps the only copy of a hand-written config, or weights whose
+    config lives elsewhere), so it is refused and left as it was."""
     run, _ = run_dir
-    dst = tmp_path / "cfg_only"
-    dst.mkdir()
-    (dst / "config.json").write_text('{"hand": "written"}')
-    with pytest.raises(
-        NanoseekError, match=r"exists and is not a model directory: replacing it would delete config\.json;"
-    ):
-        convert(run, dst, to="hf")
-    assert [p.name for p in dst.iterdir()] == ["config.json"]
-    assert (dst / "config.json").read_text() == '{"hand": "written"}'
+    for name, content in (("config.json", '{"hand": "written"}'), ("model.safetensors", "weights")):
+        dst = tmp_path / f"only_{name}"
+        dst.mkdir()
+        (dst / name).write_text(content)
+        with pytest.raises(
+            NanoseekError, match=rf"exists and is not a model directory: replacing it would delete {name};"
+        ):
+            convert(run, dst, to="hf")
+        assert [p.name for p in dst.iterdir()] == [name]
+        assert (dst / name).read_text() == content
 
 
 def test_save_pretrained_over_a_sharded_export_leaves_no_stale_shards(tmp_path):
@@ -255,3 +259,129 @@ def test_save_pretrained_over_a_sharded_export_leaves_no_stale_shards(tmp_path):
     m2, _ = load_model(d, dtype=torch.float32, attn_impl="naive")
     a, b = m.state_dict(), m2.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_copies_the_runs_own_tokenizer_config(run_dir, tmp_path):
+    """A tokenizer_config.json beside the run's tokenizer.json (chat template, special tokens) is the user's: the
+    export carries it byte for byte rather than writing the minimal one it makes when there is none."""
+    run, _ = run_dir
+    custom = b'{"eos_token": "<|endoftext|>", "model_max_length": 77, "chat_template": "{{ messages }}"}\n'
+    (run / "tokenizer_config.json").write_bytes(custom)
+    convert(run, tmp_path / "hf", to="hf")
+    assert (tmp_path / "hf" / "tokenizer_config.json").read_bytes() == custom
+
+
+def test_mis_shaped_native_weight_is_a_one_line_error(run_dir):
+    from safetensors.torch import load_file, save_file
+
+    run, _ = run_dir
+    f = run / "checkpoints" / "step_0000010" / "model.safetensors"
+    save_file({**load_file(str(f)), "norm.weight": torch.ones(63)}, str(f))
+    with pytest.raises(NanoseekError) as e:
+        load_model(run)
+    assert "\n" not in str(e.value) and "mis-shaped: norm.weight (63,) (expected (64,))" in str(e.value)
+
+
+def test_an_incomplete_checkpoint_directory_is_skipped(run_dir):
+    """A step directory without its weights (a save that was cut short, or being written) is not a checkpoint:
+    the newest complete one is used."""
+    run, _ = run_dir
+    done = run / "checkpoints" / "step_0000010"
+    partial = run / "checkpoints" / "step_0000020"
+    partial.mkdir()
+    shutil.copy2(done / "config.json", partial / "config.json")
+    assert list_checkpoints(run) == [done]
+    assert resolve(run) == ("native", done)
+
+
+def test_an_mtp_layers_own_embedding_survives_conversion_to_native(run_dir, tmp_path):
+    """An HF checkpoint whose MTP layer keeps an embedding of its own (not equal to the main one) converts to a
+    native checkpoint that keeps it (see test_mtp_copies_that_differ_are_kept for the HF side)."""
+    from safetensors.torch import load_file, save_file
+
+    run, m = run_dir
+    hf = tmp_path / "hf"
+    convert(run, hf, to="hf")
+    key = f"model.layers.{m.cfg.num_hidden_layers}.embed_tokens.weight"
+    f = hf / "model.safetensors"
+    save_file({**load_file(str(f)), key: m.embed_tokens.weight.detach() + 1.0}, str(f))
+    convert(hf, tmp_path / "native", to="native")
+    back, _ = load_model(tmp_path / "native")
+    assert back.mtp[0].embed_tokens is not None and back.mtp[1].embed_tokens is None
+    assert torch.equal(back.mtp[0].embed_tokens.weight, m.embed_tokens.weight + 1.0)
+
+
+def test_an_interrupted_export_leaves_the_previous_one_and_no_temporary_directory(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt, not an Exception) during a write still removes the temporary directory and
+    leaves the previous export as it was."""
+    import nanoseek.hf
+    from nanoseek.hf import save_pretrained
+
+    m = Transformer(micro())
+    d = tmp_path / "hf"
+    save_pretrained(m, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nanoseek.hf, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(m, d)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no .hf.tmp-*
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_atomic_write_text_keeps_the_old_content_when_a_write_fails(tmp_path, monkeypatch):
+    """A full disk halfway through the write leaves the previous file whole (e.g. train_config.json), and no
+    temporary file beside it."""
+    from nanoseek.atomic import atomic_write_text
+
+    f = tmp_path / "train_config.json"
+    atomic_write_text(f, '{"old": 1}\n')
+    write_text = Path.write_text
+
+    def half_then_full_disk(self, text, *a, **k):
+        write_text(self, text[: len(text) // 2], *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(f, '{"new": 2, "longer": "content"}\n')
+    monkeypatch.undo()
+    assert f.read_text() == '{"old": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_config.json"]  # no half-written temporary
+
+
+def test_free_space_note_says_the_free_space_of_the_nearest_existing_directory(tmp_path, monkeypatch):
+    """The note appended to a failed write's error (a full disk rarely says so itself); nothing when the space
+    cannot be told."""
+    from types import SimpleNamespace
+
+    from nanoseek.atomic import free_space_note
+
+    seen = []
+
+    def usage(p):
+        seen.append(Path(p))
+        return SimpleNamespace(total=10 * 2**30, used=5 * 2**30, free=5 * 2**30)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    assert free_space_note(tmp_path / "not" / "yet") == " (5,120 MiB free on its disk)"
+    assert seen == [tmp_path]  # the directory the output would have gone into, not the missing path
+
+    def unreadable(p):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(shutil, "disk_usage", unreadable)
+    assert free_space_note(tmp_path) == ""
+
+
+def test_convert_onto_a_symlink_loop_is_one_line(run_dir, tmp_path, capsys):
+    run, _ = run_dir
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert main(["convert", str(run), str(tmp_path / "loop1"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: destination") and "loop1" in err, err
+    assert (tmp_path / "loop1").is_symlink() and (tmp_path / "loop2").is_symlink()

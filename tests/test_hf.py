@@ -5,6 +5,7 @@ transformers' DeepseekV3ForCausalLM models are built at random for several confi
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -69,6 +70,12 @@ CASES = {
     "two_dense_layers": dict(first_k_dense_replace=2, num_hidden_layers=4),
     "half_split_rope": dict(rope_interleave=False, n_group=2, topk_group=1),
     "top1_normalised": dict(num_experts_per_tok=1, n_group=1, topk_group=1),  # V3 normalises even one weight
+    # no "mscale": transformers takes the attention factor from `factor` alone, not mscale / mscale_all_dim
+    "yarn_no_mscale": dict(
+        rope_parameters={k: v for k, v in YARN_MSCALE.items() if k != "mscale"},
+        qk_rope_head_dim=16,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -164,6 +171,14 @@ def test_round_trip_is_exact_including_mtp_and_bias(tmp_path):
     assert index["num_nextn_predict_layers"] == 2
 
 
+FP8_QUANTIZATION = {  # as the V3 release's config.json says it
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
 def test_config_records_the_stored_dtype_and_nanoseek_fields(tmp_path):
     ours = _ours()
     ours.cfg = ours.cfg.replace(attn_impl="naive", name="mine")
@@ -171,10 +186,12 @@ def test_config_records_the_stored_dtype_and_nanoseek_fields(tmp_path):
         ({"dtype": torch.bfloat16}, "bfloat16"),
         ({"dtype": None}, "float32"),
         ({"fp8": True}, "bfloat16"),
+        ({"fp8": True, "dtype": torch.float32}, "bfloat16"),  # FP8 weights compute in bf16, whatever the rest
     ):
         save_pretrained(ours, tmp_path, **kw)
         cfg = json.loads((tmp_path / "config.json").read_text())
         assert cfg["dtype"] == cfg["torch_dtype"] == want, kw
+        assert cfg.get("quantization_config") == (FP8_QUANTIZATION if kw.get("fp8") else None), kw
         assert cfg["nanoseek"] == {"attn_impl": "naive", "name": "mine"}
         assert DeepseekV3Config.from_pretrained(tmp_path).dtype == getattr(torch, want)
     back = load_pretrained(tmp_path, attn_impl=None)
@@ -250,6 +267,10 @@ def test_mtp_copies_that_differ_are_kept(tmp_path):
     save_pretrained(ours, tmp_path, dtype=None)
     f = tmp_path / "model.safetensors"
     sd = load_file(str(f))
+    # the release layout: the MTP layer stores its own copies of the embedding and the head (V3's loaders read
+    # them there), equal to the main ones when they are tied
+    assert torch.equal(sd["model.layers.3.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+    assert torch.equal(sd["model.layers.3.shared_head.head.weight"], sd["lm_head.weight"])
     sd["model.layers.3.embed_tokens.weight"] = sd["model.layers.3.embed_tokens.weight"] + 1.0
     save_file(sd, str(f))
     back = load_pretrained(tmp_path)
@@ -344,6 +365,7 @@ def test_original_v3_config_json_is_read():
         "routed_scaling_factor",
         "num_nextn_predict_layers",
         "topk_group",
+        "rope_interleave",  # no key in the original config.json: its rope is interleaved
     ):
         assert getattr(cfg, f) == getattr(v3, f), f
 
@@ -391,3 +413,173 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(NanoseekError, match=r"no config\.json"):
         load_pretrained(tmp_path)
+
+
+def test_config_from_hf_accepts_deepseek_configs_and_refuses_what_it_cannot_compute():
+    """Either the model_type or the architecture identifies a V3 config (derivatives such as Kimi K2 keep only the
+    architecture), both dialects' keys are read, and what the model cannot compute is refused, not ignored."""
+    from nanoseek.hf import config_from_hf
+
+    v3 = {"model_type": "deepseek_v3"}
+    assert config_from_hf(v3).hidden_size == 7168  # no "architectures" key: transformers' defaults
+    assert config_from_hf({"model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]}).n_routed_experts == 256
+    assert config_from_hf({**v3, "num_mtp_layers": 1}).num_nextn_predict_layers == 1
+    cfg = config_from_hf({**v3, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})
+    assert cfg.rope_type == "default" and cfg.rope_theta == 50000.0
+    # no "mscale": 0, so the attention factor comes from `factor` alone, as transformers computes it
+    yarn = {"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale_all_dim": 1.0}
+    cfg = config_from_hf({**v3, "rope_parameters": yarn})
+    assert cfg.rope_type == "yarn" and cfg.mscale == 0.0 and cfg.mscale_all_dim == 1.0
+    for bad, msg in (
+        ({"attention_bias": True}, "attention_bias = true is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (only silu)"),
+        ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope type 'linear' is not supported (default or yarn)"),
+    ):
+        with pytest.raises(NanoseekError, match=re.escape(f"config.json: {msg}")):
+            config_from_hf({**v3, **bad})
+
+
+def test_yarn_config_without_original_length_uses_max_position_embeddings_like_transformers(tmp_path):
+    """transformers takes a missing `original_max_position_embeddings` of a yarn config to be
+    `max_position_embeddings`; any other value gives other rotary frequencies, hence other logits."""
+    from nanoseek.hf import config_from_hf
+
+    rope = {k: v for k, v in YARN.items() if k != "original_max_position_embeddings"}
+    hf = hf_model(rope_parameters=rope, max_position_embeddings=256)
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 256  # transformers' reading
+    hf.save_pretrained(tmp_path)
+    f = tmp_path / "config.json"
+    raw = json.loads(f.read_text())
+    del raw["rope_parameters"]["original_max_position_embeddings"]  # transformers writes the key it filled in
+    f.write_text(json.dumps(raw))
+    assert config_from_hf(raw).original_max_position_embeddings == raw["max_position_embeddings"] == 256
+    x = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        assert (load_pretrained(tmp_path)(x) - hf(x).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(q_lora_rank=0),  # V2-Lite's form: q_proj instead of q_a_proj / q_b_proj
+        # yarn with every parameter off transformers' defaults, so that each one must make the trip
+        dict(
+            rope_type="yarn",
+            rope_theta=20000.0,
+            rope_factor=4.0,
+            original_max_position_embeddings=16,
+            beta_fast=16.0,
+            beta_slow=2.0,
+            mscale=0.707,
+            mscale_all_dim=1.0,
+            qk_rope_head_dim=16,
+        ),
+    ],
+    ids=["no_q_lora", "yarn"],
+)
+def test_exports_without_q_lora_or_with_yarn_give_transformers_the_same_logits(kw, tmp_path):
+    ours = _ours(**kw)
+    save_pretrained(ours, tmp_path, dtype=torch.float32)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if "q_lora_rank" in kw:
+        assert cfg["q_lora_rank"] is None  # transformers' "no q compression" (0 would build empty layers)
+    else:
+        assert cfg["rope_parameters"] == {
+            "rope_type": "yarn",
+            "rope_theta": 20000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+        }
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ref - ours(x)).abs().max() <= 1e-4 and ref.abs().max() > 0.5
+
+
+def _shards(d) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    return [(f.name, load_file(str(f))) for f in sorted(d.glob("*.safetensors"))]
+
+
+def test_sharded_export_is_greedy_named_and_indexed_as_transformers_expects(tmp_path):
+    """Shards are filled in order up to max_shard_bytes (a tensor never split, no empty shard), named
+    model-0000i-of-0000n, and listed by an index whose total_size is the bytes of all tensors; a sharded
+    directory loads, converts, and names a shard that went missing."""
+    from nanoseek.checkpoint import load_model
+    from nanoseek.convert import convert
+    from nanoseek.hf import hf_state_dict
+
+    ours = _ours()
+    order = [k for k, _ in hf_state_dict(ours)]  # the order tensors are written in
+    nbytes = {k: t.numel() * t.element_size() for k, t in hf_state_dict(ours)}  # fp32: stored as is
+    total = sum(nbytes.values())
+    for limit in (1, 200_000, nbytes[order[0]] + nbytes[order[1]]):
+        d = tmp_path / f"max{limit}"
+        save_pretrained(ours, d, dtype=torch.float32, max_shard_bytes=limit)
+        shards = _shards(d)
+        n = len(shards)
+        assert [name for name, _ in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        assert index["metadata"] == {"total_size": total}
+        assert index["weight_map"] == {k: name for name, sd in shards for k in sd}
+        assert sorted(index["weight_map"]) == sorted(order)
+        firsts = [min(sd, key=order.index) for _, sd in shards]
+        sizes = [sum(nbytes[k] for k in sd) for _, sd in shards]
+        if limit == 1:
+            assert n == len(order) and all(len(sd) == 1 for _, sd in shards)  # each tensor alone, none empty
+        else:
+            assert max(sizes) <= limit and n > 2
+            assert all(sizes[i] + nbytes[firsts[i + 1]] > limit for i in range(n - 1))  # greedy: nothing fitted
+    assert sorted(_shards(tmp_path / f"max{limit}")[0][1]) == sorted(order[:2])  # exactly full is not over
+    d = tmp_path / "max200000"
+    model, _ = load_model(d, attn_impl="naive")
+    a, b = ours.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    convert(d, tmp_path / "native", to="native")
+    assert torch.equal(load_model(tmp_path / "native")[0].lm_head.weight, ours.lm_head.weight)
+    n = len(_shards(d))
+    (d / f"model-00002-of-{n:05d}.safetensors").unlink()
+    with pytest.raises(
+        NanoseekError, match=re.escape(f"index refers to missing file(s): model-00002-of-{n:05d}.safetensors")
+    ):
+        load_pretrained(d)
+
+
+def test_fp8_weight_without_its_scale_is_a_one_line_error(tmp_path):
+    save_pretrained(_ours(), tmp_path, fp8=True)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    key = "model.layers.1.mlp.experts.5.down_proj.weight"
+    del sd[key + "_scale_inv"]
+    save_file(sd, str(f))
+    with pytest.raises(NanoseekError, match=re.escape(f"FP8 tensor {key} has no {key}_scale_inv")):
+        load_pretrained(tmp_path)
+
+
+def test_scale_inv_beside_a_non_fp8_weight_or_without_its_weight_is_refused(tmp_path):
+    """Only float8 weights take a `_scale_inv`: beside an int8 weight, loading it as is would give the raw
+    integers as weights (beside a bf16 one, unscaled values); one whose weight is absent would be dropped."""
+    save_pretrained(_ours(), tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = load_file(str(f))
+    key = "model.layers.0.self_attn.q_a_proj.weight"
+
+    def refused(sd) -> str:
+        save_file({**good, **sd}, str(f))
+        with pytest.raises(NanoseekError) as e:
+            load_pretrained(tmp_path)
+        msg = str(e.value).replace(str(tmp_path), "DIR")  # the test's directory name says scale_inv too
+        assert "\n" not in msg
+        return msg
+
+    scale = {key + "_scale_inv": torch.full((1, 1), 0.01)}
+    msg = refused({key: torch.full(good[key].shape, 3, dtype=torch.int8), **scale})
+    assert f"{key} is torch.int8" in msg and "float8" in msg, msg
+    msg = refused({key: good[key], **scale})  # bf16
+    assert f"{key} is torch.bfloat16 but has a {key}_scale_inv" in msg and "only float8" in msg, msg
+    orphan = "model.layers.0.self_attn.q_proj.weight_scale_inv"  # there is no q_proj: q_lora_rank is 24
+    assert f"unexpected keys (1): {orphan}" in refused({orphan: torch.full((1, 1), 0.01)})
