@@ -27,7 +27,7 @@ from .errors import NanoseekError
 def add_cli(sub) -> None:
     p = sub.add_parser("generate", help="generate text (latent KV cache, sampling, MTP speculative decoding)")
     p.add_argument("--model", required=True, help="run dir, checkpoint dir or HF-format dir (FP8 included)")
-    p.add_argument("--tokenizer", help="tokenizer.json to use (required when the model dir has none)")
+    p.add_argument("--tokenizer", help="tokenizer.json, or a directory with one (needed when the model dir has none)")
     p.add_argument(
         "--prompt",
         action="append",

@@ -36,7 +36,7 @@ class TrainConfig:
     mtp_depth: int | None = _f(None, "number of MTP modules D (default: the preset's)")
     # data
     data: str | None = _f(None, "directory, glob or file of .txt/.py/.md/.jsonl (default: the Python stdlib)")
-    tokenizer: str | None = _f(None, "an existing tokenizer.json (default: a BPE trained on the corpus, cached)")
+    tokenizer: str | None = _f(None, "a tokenizer.json or a directory with one (default: a BPE trained on the corpus)")
     seq_len: int = _f(256, "tokens per sequence")
     batch_size: int = _f(16, "sequences per micro-batch")
     shuffle_rows: int | None = _f(
