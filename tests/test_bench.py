@@ -289,8 +289,8 @@ def test_bad_out_and_options_a_bench_does_not_use_are_one_line_errors(tmp_path, 
 
 
 def test_report_reruns_a_result_of_another_shape_and_finds_plots_from_elsewhere(suite, tmp_path, monkeypatch):
-    """A result.json that parses but is not this bench's (a list, another bench's) is run again, with one log
-    line saying why; saved plot paths relative to another working directory are found in the bench's folder;
+    """A result.json that parses but is not this bench's (a list, another bench's) or lacks a field the report
+    reads (train rows without "precision") is run again, with one log line saying why; saved plot paths relative to another working directory are found in the bench's folder;
     the training options reach only the benches that read them."""
     import shutil
 
@@ -304,6 +304,9 @@ def test_report_reruns_a_result_of_another_shape_and_finds_plots_from_elsewhere(
     (copy / "kv" / "result.json").write_text("[]")
     (copy / "comm").mkdir(exist_ok=True)
     (copy / "comm" / "result.json").write_text(json.dumps({"bench": "kv"}))
+    train = json.loads((copy / "train" / "result.json").read_text())  # rows without a field the report reads
+    train["results"] = [{k: v for k, v in row.items() if k != "precision"} for row in train["results"]]
+    (copy / "train" / "result.json").write_text(json.dumps(train))
     saved = json.loads((copy / "balance" / "result.json").read_text())  # as `cd elsewhere; nanoseek bench` saves
     saved["plots"] = [f"runs/bench/balance/{Path(p).name}" for p in saved["plots"]]
     (copy / "balance" / "result.json").write_text(json.dumps(saved))
@@ -316,7 +319,8 @@ def test_report_reruns_a_result_of_another_shape_and_finds_plots_from_elsewhere(
     monkeypatch.setattr("nanoseek.bench.run", fake_run)
     monkeypatch.chdir(tmp_path)  # the saved plot paths were written relative to another directory
     results, missing = rep.collect(BenchOptions(quick=True, out=copy / "report", steps=3, reuse=True))
-    assert sorted(reran) == [("comm", None, False), ("decode", None, False), ("kv", None, False)] and not missing
+    assert sorted(reran) == [(n, None, False) for n in ("comm", "decode", "kv", "train")]  # no --steps, --reuse
+    assert not missing
     plots = results["balance"]["plots"]
     assert plots and all(Path(p).exists() and Path(p).parent == copy / "balance" for p in plots)
 

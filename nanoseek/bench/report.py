@@ -37,9 +37,13 @@ def collect(opts: BenchOptions) -> tuple[dict[str, dict], dict[str, str]]:
             except ValueError:
                 saved, why = None, f"{path} is not valid JSON"
             if isinstance(saved, dict) and saved.get("bench") == name:
-                results[name] = _with_paths(saved, root / name)
-                continue
-            if saved is not None:  # another shape: hand-edited, or another version's
+                try:
+                    sections({name: saved})  # the fields the report reads are there and of the right kind
+                    results[name] = _with_paths(saved, root / name)
+                    continue
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                    why = f"{path} lacks what the report reads ({type(e).__name__}: {e})"
+            elif saved is not None:  # another shape: hand-edited, or another version's
                 why = f"{path} is not a {name} result"
         log(f"report: {why}; running {name}")
         # the training options reach the benches that read them (a --steps given to kv would be refused)
