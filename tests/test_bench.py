@@ -290,8 +290,9 @@ def test_bad_out_and_options_a_bench_does_not_use_are_one_line_errors(tmp_path, 
 
 def test_report_reruns_a_result_of_another_shape_and_finds_plots_from_elsewhere(suite, tmp_path, monkeypatch):
     """A result.json that parses but is not this bench's (a list, another bench's) or lacks a field the report
-    reads (train rows without "precision") is run again, with one log line saying why; saved plot paths relative to another working directory are found in the bench's folder;
-    the training options reach only the benches that read them."""
+    reads (train rows without "precision") is run again, with one log line saying why; saved plot paths relative
+    to another working directory are found in the bench's folder; the training options reach only the benches
+    that read them."""
     import shutil
 
     from nanoseek.bench import report as rep
@@ -379,3 +380,36 @@ def test_reuse_keeps_a_finished_arm_and_retrains_a_changed_one(tmp_path, session
     changed = train_arm(opts, "arm", 0, **{**s, "lr": 1e-3})
     assert changed.summary["wall_seconds"] != first.summary["wall_seconds"]
     assert json.loads(record.read_text())["train_config"]["lr"] == 1e-3
+
+
+# --- added by the mutation audit ----------------------------------------------------------------------------------
+def test_balance_arms_train_without_the_sequence_wise_loss(suite):
+    """Every balance arm sets seq_aux_alpha = 0 (the trainer's default adds 1e-4 to loss-free runs): the
+    loss-free arms are the pure method, and no arm carries a balance loss it does not report."""
+    root, _ = suite
+    configs = [json.loads(p.read_text()) for p in (root / "balance" / "runs").glob("*/train_config.json")]
+    assert len(configs) == 7 and all(c["seq_aux_alpha"] == 0.0 for c in configs)
+
+
+def test_reuse_ignores_threads_and_a_failed_retrain_leaves_no_stale_record(tmp_path, session_corpus_dir, monkeypatch):
+    """--threads does not change an arm's result, so another --threads reuses it; a retrain with changed
+    settings that fails must not leave the old record in place (it would vouch for the half-written run)."""
+    import dataclasses
+
+    import nanoseek.train
+    from nanoseek.bench.common import ARM_FILE, base_settings, train_arm
+
+    opts = BenchOptions(quick=True, out=tmp_path, data=str(session_corpus_dir), threads=1, reuse=True)
+    s = base_settings(opts, mtp_depth=0, steps=2)
+    first = train_arm(opts, "arm", 0, **s)
+    record = tmp_path / "runs" / "arm-s0" / ARM_FILE
+
+    def boom(self):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(nanoseek.train.Trainer, "fit", boom)  # any retrain now fails
+    again = train_arm(dataclasses.replace(opts, threads=2), "arm", 0, **s)
+    assert again.summary == first.summary
+    with pytest.raises(RuntimeError, match="training failed"):
+        train_arm(opts, "arm", 0, **{**s, "lr": 1e-3})
+    assert not record.exists()

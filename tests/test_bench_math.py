@@ -192,3 +192,139 @@ def test_balance_goals_at_their_bounds(monkeypatch, tmp_path):
         {**AT_BOUNDS, "loss-free": (0.0, 3.0, 0.0)},
     )
     assert met[f"aux α=0.001 MaxVio_global / {lf}'s"]  # a perfectly balanced arm: the ratio is infinite, not an error
+
+
+# --- added by the mutation audit: numbers and verdicts the quick runs do not pin --------------------------------
+def test_n_steps_refuses_zero_and_gemm_gflops_counts_2n3_flops(monkeypatch):
+    """BenchOptions.n_steps refuses 0 like n_seeds; gemm_gflops is 2·n³ FLOPs over the median time."""
+    with pytest.raises(NanoseekError, match="--steps must be >= 1, got 0"):
+        BenchOptions(steps=0).n_steps(5, 1)
+    times = iter([1.0, 4.0, 2.0])
+    monkeypatch.setattr(common, "timed", lambda fn: next(times))
+    assert common.gemm_gflops(8, torch.float32, reps=3) == pytest.approx(2 * 8**3 / 2.0 / 1e9)
+
+
+def test_code_version_counts_untracked_files_and_their_contents(monkeypatch, tmp_path):
+    """A new (untracked) file under nanoseek/ makes the checkout dirty even with an empty diff, and two contents
+    of that file give two versions."""
+    outputs = {"rev-parse": "abc123\n", "diff": "", "ls-files": "nanoseek/new.py\n"}
+    monkeypatch.setattr(
+        common.subprocess, "run", lambda cmd, **kw: SimpleNamespace(stdout=outputs[cmd[1]], returncode=0)
+    )
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "nanoseek" / "bench" / "common.py"))  # repo = tmp_path
+    (tmp_path / "nanoseek").mkdir()
+    (tmp_path / "nanoseek" / "new.py").write_text("x = 1\n")
+    one = common.code_version()
+    (tmp_path / "nanoseek" / "new.py").write_text("x = 2\n")
+    two = common.code_version()
+    assert one.startswith("abc123-dirty-") and two.startswith("abc123-dirty-") and one != two
+
+
+def test_fp8_negative_error_counts_by_its_size(monkeypatch, tmp_path):
+    """FP8 0.5% *below* bf16 on both seeds: the reported error is |mean| = 0.5% and the < 0.25% goal fails;
+    the EMA-curve error is |.|-averaged: only the last step differs, EMA 399.8 vs 400 -> 0.05% / 10 steps."""
+    r = fp8_result(monkeypatch, tmp_path, {"block": [398.0, 398.0], "tensor": [398.0, 398.0]})
+    assert r["rel_loss_error_blockwise"] == pytest.approx(0.005)
+    assert r["rel_loss_error_per_seed"]["fp8 block-wise"] == pytest.approx([-0.005, -0.005])
+    assert r["goals"][0]["met"] is False
+    assert r["mean_rel_loss_error"]["fp8 block-wise"] == pytest.approx(0.2 / 400 / 10)
+
+
+def test_fp8_difference_error_bar_is_root_sum_square(monkeypatch, tmp_path):
+    """block-wise +1%/-0.5% (s.e. 0.75%), tensor-wise +4%/+2% (mean 3%, s.e. 1%): the difference 2.75% beats
+    2·√(0.75%² + 1%²) = 2.5% (not 2·(0.75% + 1%) = 3.5%)."""
+    r = fp8_result(monkeypatch, tmp_path, {"block": [404.0, 398.0], "tensor": [416.0, 408.0]})
+    g = r["goals"][1]
+    assert g["value"] == pytest.approx(0.0275) and g["target"] == "> 2.5000%" and g["met"] is True
+    # the table's smoothed final loss is over the seed-averaged curve: (404 + 398) / 2
+    assert r["final_loss_smoothed"]["fp8 block-wise"] == pytest.approx(401.0)
+
+
+def test_fp8_goal_boundaries(monkeypatch, tmp_path):
+    """Activations at exactly 0.70 of bf16 meet "≤ 0.70"; tensor-wise equal to block-wise (one point estimate,
+    no error bar) is not "visibly worse"."""
+    monkeypatch.setitem(ACT_BYTES, "block", 700)
+    r = fp8_result(monkeypatch, tmp_path, {"block": [401.0, 401.0], "tensor": [401.0, 401.0]})
+    assert r["activation_memory_ratio"] == 0.7 and r["goals"][2]["met"] is True
+    assert r["goals"][1]["value"] == 0 and r["goals"][1]["met"] is False
+
+
+def test_kv_gqa_groups_and_a_cache_that_differs_from_its_formula(monkeypatch):
+    assert [kv.gqa_groups(n) for n in (1, 2, 8, 16, 128)] == [1, 1, 4, 8, 8]
+    real = kv.build_attention
+
+    def bigger(cfg):  # a module that allocates one element more per token than the formula
+        a = real(cfg)
+        spec = a.cache_spec()
+        a.cache_spec = lambda: {**spec, "extra": (1,)}
+        return a
+
+    monkeypatch.setattr(kv, "build_attention", bigger)
+    assert not any(r["model_matches_formula"] for r in kv.formula_rows("small"))
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def next_batch(self, n):
+        return torch.zeros(n, 9, dtype=torch.long)  # T = 8
+
+
+def test_train_sample_maxvio_floors(monkeypatch):
+    """Halves with loads [3,2,1] and [1,1,1] (one layer), validation loads [1,1,1]:
+    training-row MaxVio over the total [4,3,2] = 1/3; its floor = half the MaxVio of the share ratio
+    [1.5,1,0.5] = 0.25; the validation-split floor = MaxVio of [3/9,3/9,3/9] / [4/9,3/9,2/9] = [.75,1,1.5]
+    = (1.5 - 13/12) / (13/12) = 5/13. 64 tokens = 8 rows of 8 in 4 batches of 2."""
+    import nanoseek.data
+
+    monkeypatch.setattr(nanoseek.data, "TokenStream", _FakeStream)
+    halves = iter([[[3, 2, 1]], [[1, 1, 1]]])
+    seen = []
+
+    def evaluate(batches):
+        seen.append(len(batches))
+        return {"val_expert_load": next(halves)}
+
+    tc = SimpleNamespace(seq_len=8, batch_size=2, window_rows=lambda: 4)
+    trainer = SimpleNamespace(tc=tc, corpus=None, tok=None, evaluate=evaluate)
+    r = bench_balance.train_sample_maxvio(trainer, 0, {"val_expert_load": [[1, 1, 1]]}, 64)
+    assert seen == [2, 2]
+    assert r["maxvio_global_train"] == pytest.approx(1 / 3)
+    assert r["train_sample_floor"] == pytest.approx(0.25)
+    assert r["val_split_floor"] == pytest.approx(5 / 13)
+    assert r["train_sample_tokens"] == 64
+
+
+def test_balance_mean_curve_is_on_common_steps():
+    assert bench_balance.mean_curve([[(1, 1.0), (2, 3.0)], [(2, 5.0), (3, 7.0)]]) == ([2], [4.0])
+
+
+def balance_result(monkeypatch, tmp_path, seeds=1) -> dict:
+    """The balance bench with `train_one` stubbed: seed k has val loss 3 + k (aux arms + 0.1 for α=1e-3, + 0.2
+    for α=1e-2), MaxVio_global 0.04 (loss-free) / 0.5 (others), and MaxVio_batch 1.0 for 18 steps then
+    0.2, 0.4 (the last 10% of 20 steps)."""
+
+    def fake_train_one(opts, arm, seed, settings):
+        vl = 3.0 + seed + {"aux α=0.001": 0.1, "aux α=0.01": 0.2}.get(arm["label"], 0.0)
+        vg = 0.04 if arm["balance"] == "loss-free" else 0.5
+        summary = dict(val_loss=vl, maxvio_global=vg, maxvio_global_train=vg, val_split_floor=0.03)
+        summary |= dict(train_sample_floor=0.01, train_sample_tokens=256, tokens=640, tokens_per_s=1.0)
+        steps = [{"step": i + 1, "maxvio_batch": v} for i, v in enumerate([1.0] * 18 + [0.2, 0.4])]
+        evals = [{"step": 20, "maxvio_global": vg, "val_loss": vl, "val_tokens": 100}]
+        return common.Arm(arm["label"], seed, summary, steps, evals)
+
+    monkeypatch.setattr(bench_balance, "train_one", fake_train_one)
+    monkeypatch.setattr(bench_balance, "plot_lines", lambda *a, **k: None)
+    opts = BenchOptions(name="balance", quick=True, seeds=seeds, out=tmp_path)
+    return bench_balance.run(opts, Report("balance", bench_balance.TITLE, opts))
+
+
+def test_balance_seed_means_smoothed_batch_maxvio_floor_and_loss_delta(monkeypatch, tmp_path):
+    r = balance_result(monkeypatch, tmp_path, seeds=2)
+    lf = r["arms"][0]
+    assert lf["val_loss"] == 3.5 and lf["val_loss_std"] == pytest.approx(2**-0.5)  # over seeds 0 and 1
+    assert lf["maxvio_batch_final"] == pytest.approx(0.3)  # mean of the last 10%, not the last step
+    assert r["settings"]["sampling_floor"] == pytest.approx(bench_balance.sampling_floor(2 * 32, 16, 2))
+    delta = next(g for g in r["goals"] if g["goal"].startswith("loss-free γ=0.001: val loss"))
+    assert delta["value"] == pytest.approx(-0.1) and delta["met"]  # Δ to the *best* aux arm (3.6)

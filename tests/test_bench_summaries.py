@@ -241,3 +241,236 @@ def test_greedy_agreement_counts_each_row_up_to_its_first_difference():
     a = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert agreement(a, [[1, 0, 3], [4, 5, 6], [7, 8]]) == round(6 / 9, 4)
     assert agreement(a, a) == 1.0 and agreement([], []) == 0.0
+
+
+# --- added by the mutation audit: pairing, goals and the report's columns -------------------------------------
+def test_timed_pair_times_each_library_separately(monkeypatch):
+    """A fake clock: ours' step takes 1 s, transformers' 3 s; the probe is not timed. Each list holds its own
+    library's times, one per round, after one warm-up step of each."""
+    import nanoseek.bench.throughput as tp
+
+    clock = [0.0]
+    calls = []
+
+    def ours():
+        calls.append("ours")
+        clock[0] += 1.0
+
+    def hf(batch):
+        calls.append("hf")
+        clock[0] += 3.0
+
+    monkeypatch.setattr(tp, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    t_ours, t_hf, peaks = tp.timed_pair(ours, hf, None, 2, lambda: 7.0)
+    assert t_ours == [1.0, 1.0] and t_hf == [3.0, 3.0] and peaks == [7.0, 7.0]
+    assert calls == ["ours", "hf"] * 3
+
+
+def test_bench_preset_pairs_tokens_per_s_speedup_and_batched_mm_skip(monkeypatch, tmp_path):
+    """tiny at B=8, T=256 (full run), with the steps, timing and transformers stubbed: ours takes 2 s per step,
+    transformers 4 s (fp32 weights) / 3 s (autocast) / 1 s (bf16 weights). tok/s = B·T / median time, speed-up
+    = transformers' time / ours; batched_mm is skipped where it gathers > 3 GiB (fp32 elements: 4.5 GiB), run
+    with bf16 weights (2.25 GiB)."""
+    import transformers
+
+    import nanoseek.bench.throughput as tp
+    import nanoseek.hf
+    from nanoseek.bench.common import BenchOptions
+
+    class Ours:
+        def __init__(self, *a, **k):
+            self.trainer = SimpleNamespace(stream=SimpleNamespace(next_batch=lambda n: torch.zeros(n, 257)), model=None)
+
+        def set_batch(self, b):
+            pass
+
+        def __call__(self):
+            return 8.25
+
+    class Model:
+        def to(self, dtype):
+            return self
+
+        def set_experts_implementation(self, impl):
+            self.impl = impl
+
+    class HF:
+        def __init__(self, m, mode):
+            self.mode = mode
+
+        def __call__(self, batch):
+            return 8.5
+
+    secs = {"fp32": 4.0, "autocast": 3.0, "bf16-weights": 1.0}
+    monkeypatch.setattr(tp, "OursStep", Ours)
+    monkeypatch.setattr(tp, "HFStep", HF)
+    monkeypatch.setattr(tp, "GemmProbe", lambda n: None)
+    monkeypatch.setattr(tp, "gemm_gflops", lambda *a: 500.0)
+    monkeypatch.setattr(tp, "timed_pair", lambda o, h, b, r, p: ([2.0] * r, [secs[h.mode]] * r, [100.0] * r))
+    monkeypatch.setattr(nanoseek.hf, "save_pretrained", lambda *a, **k: None)
+    # (the lazy `transformers` module ignores a patched attribute: patch the class's loader)
+    monkeypatch.setattr(transformers.DeepseekV3ForCausalLM, "from_pretrained", staticmethod(lambda *a, **k: Model()))
+    out = tp.bench_preset(BenchOptions(quick=False, out=tmp_path), "tiny", 8, 256, 3, "tok.json", tmp_path)
+    assert out["passes"]["fp32"]["first_step_loss"] == {"ours": 8.25, "transformers": 8.5}
+    pairs = {p["variant"]: p for p in out["passes"]["bf16"]["pairs"]}
+    assert "error" in pairs["fp32/batched_mm"] and "error" in pairs["autocast/batched_mm"]
+    assert "error" not in pairs["bf16-weights/batched_mm"]
+    p = pairs["autocast/grouped_mm"]
+    assert p["ours_tok_s"] == 8 * 256 / 2.0 and p["transformers_tok_s"] == 8 * 256 / 3.0
+    assert p["speedup"] == 1.5 and p["gemm_bf16_gflops"] == 100.0
+
+
+def _case(preset, speedup, ours_tok_s, probe):
+    pair = {"variant": "bf16-weights/grouped_mm", "ours_tok_s": ours_tok_s, "transformers_tok_s": ours_tok_s / speedup}
+    pair |= {"speedup": speedup, "gemm_bf16_gflops": probe}
+    return {
+        "preset": preset,
+        "batch_size": 4,
+        "seq_len": 64,
+        "flops_per_token": 1e9,
+        "params": 1,
+        "gemm_bf16_gflops": 1.0,
+        "passes": {
+            "fp32": {"pairs": [{**pair, "variant": "fp32/grouped_mm"}], "first_step_loss": {}},
+            "bf16": {"pairs": [pair], "first_step_loss": {}},
+        },
+    }
+
+
+def test_train_goals_come_from_small_bf16_at_their_bounds(monkeypatch, tmp_path):
+    """A full run: the goals are small bf16's (tiny's 2x speed-up is not judged); a speed-up of exactly 3 and
+    exactly 35% of the same-load GEMM peak (0.35 GFLOP/s of 1) both meet "≥"; the run's best peak is the
+    highest probe (4 GFLOP/s, tiny's pass)."""
+    import nanoseek.bench.throughput as tp
+    import nanoseek.data
+    import nanoseek.tokenizer
+    from nanoseek.bench.common import BenchOptions, Report
+
+    cases = {"tiny": _case("tiny", 2.0, 0.35, 4.0), "small": _case("small", 3.0, 0.35, 1.0)}
+    monkeypatch.setattr(tp, "bench_preset", lambda opts, p, *a: cases[p])
+    monkeypatch.setattr(tp, "plot_bars", lambda *a, **k: None)
+    monkeypatch.setattr(nanoseek.data, "default_corpus", lambda: None)
+    monkeypatch.setattr(nanoseek.tokenizer, "get_tokenizer", lambda c, v: SimpleNamespace(save=lambda p: None))
+    opts = BenchOptions(name="train", out=tmp_path)
+    r = tp.run(opts, Report("train", tp.TITLE, opts))
+    assert r["gemm_bf16_peak_gflops"] == 4.0
+    assert [(g["goal"], g["value"], g["met"]) for g in r["goals"]] == [
+        ("small bf16 ≥ 3x transformers' best", 3.0, True),
+        ("small bf16 ≥ 35% of the bf16 GEMM peak", 0.35, True),
+    ]
+
+
+def _full_results():
+    return {
+        "fp8": {"tokens_per_s_fp8_blockwise": 50.0, "tokens_per_s_bf16": 80.0},
+        "mtp": {"val_loss_mtp": 3.1, "val_loss_no_mtp": 3.0},
+        "attention": {"arms": [{"label": "MLA", "val_loss": 3.3}, {"label": "MHA", "val_loss": 3.0}]},
+        "moe": {
+            "arms": [
+                {"label": "DeepSeekMoE", "val_loss": 3.0, "train_flops_per_token": 1e6},
+                {"label": "dense, same total", "val_loss": 2.9, "train_flops_per_token": 4e6},
+            ]
+        },
+        "balance": {
+            "arms": [
+                {"label": "loss-free γ=0.001", "balance": "loss-free", "alpha": 0.0, "maxvio_global": 0.04},
+                {"label": "loss-free γ=0.01", "balance": "loss-free", "alpha": 0.0, "maxvio_global": 0.06},
+                {"label": "aux α=0.001", "balance": "aux", "alpha": 1e-3, "maxvio_global": 0.72},
+                {"label": "aux α=0.01", "balance": "aux", "alpha": 1e-2, "maxvio_global": 0.5},
+            ]
+        },
+    }
+
+
+def test_report_sections_columns_of_every_choice():
+    """DeepSeek's choice in column 1, the conventional one in column 2: FP8 vs bf16 tok/s, MTP vs none,
+    MLA's loss relative to MHA's ((3.3 - 3) / 3 = 0.1), dense-same-total FLOPs / MoE's (4x), V3's γ first
+    against aux α=1e-3."""
+    secs = {title: rows for title, rows, _ in sections(_full_results())}
+    assert secs["1. Mixed precision and FP8"][2][1:3] == [50.0, 80.0]
+    assert secs["2. Multi-token prediction"][0][1:3] == [3.1, 3.0]
+    assert secs["3. Multi-head latent attention"][0][3].startswith("0.1 relative")
+    moe = secs["5. DeepSeekMoE and auxiliary-loss-free balancing"]
+    assert moe[1][3] == "4x the FLOPs"
+    assert moe[4][1:3] == [0.04, 0.72] and moe[4][3].startswith("loss-free γ=0.001; loss-free γ=0.01: 0.06")
+
+
+def test_report_text_lists_smoke_runs_and_unmet_goals(monkeypatch, tmp_path):
+    from nanoseek.bench import report as rep
+    from nanoseek.bench.common import BenchOptions, Report, goal
+
+    results = {
+        "kv": {"bench": "kv", "quick": True, "code": "v1", "goals": [goal("kv goal", 1.0, "= 2", False)]},
+        "comm": {"bench": "comm", "quick": False, "code": "v1", "goals": [goal("comm goal", 2.0, "= 2", True)]},
+    }
+    monkeypatch.setattr(rep, "collect", lambda opts: (results, {}))
+    monkeypatch.setattr(rep, "code_version", lambda: "v1")
+    monkeypatch.setattr(rep, "summary_figure", lambda r, p: None)
+    opts = BenchOptions(name="report", quick=True, out=tmp_path / "report")
+    report = Report("report", rep.TITLE, opts)
+    r = rep.run(opts, report)
+    text = "\n".join(report.parts)
+    assert "**Smoke-run results (--quick, not measurements): kv.**" in text and not r["older_code"]
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| kv ") or line.startswith("| comm ")
+    }
+    assert "NOT met" in rows["kv"] and "NOT met" not in rows["comm"]
+
+
+def test_report_collect_passes_each_bench_only_its_options(monkeypatch, tmp_path):
+    from nanoseek.bench import report as rep
+    from nanoseek.bench.common import BenchOptions
+
+    seen = {}
+
+    def fake_run(name, sub):
+        seen[name] = (sub.seeds, sub.steps, sub.data, sub.reuse)
+        return {"bench": name, "goals": []}
+
+    monkeypatch.setattr("nanoseek.bench.run", fake_run)
+    rep.collect(BenchOptions(quick=True, out=tmp_path / "report", seeds=2, steps=3, data="d", reuse=True))
+    assert seen["kv"] == seen["comm"] == seen["decode"] == (None, None, None, False)
+    assert seen["balance"] == (2, 3, "d", True) and seen["train"] == (None, None, "d", False)
+
+
+def test_summary_figure_bars_and_colours(monkeypatch, tmp_path):
+    """Greedy (gray, 1.0) then speculative (blue, its speed-up); FP8's saved bytes beside bf16's 1.0."""
+    import matplotlib.axes
+
+    from nanoseek.bench.report import summary_figure
+
+    bars = []
+    real = matplotlib.axes.Axes.bar
+
+    def bar(self, x, h, *a, **k):
+        bars.append((list(h), list(k.get("color"))))
+        return real(self, x, h, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    summary_figure({"fp8": {"activation_memory_ratio": 0.5}, "mtp": {"speculative_speedup": 1.5}}, tmp_path / "s.png")
+    assert bars == [([1.0, 0.5], ["tab:gray", "tab:blue"]), ([1.0, 1.5], ["tab:gray", "tab:blue"])]
+
+
+def test_throughput_in_pair_tokens_per_s_is_the_closest_pairs_own():
+    """Ours' tok/s beside transformers' best is that pair's (120), not the median over pairs (100)."""
+    case = {
+        "preset": "tiny",
+        "batch_size": 4,
+        "seq_len": 64,
+        "flops_per_token": 1e6,
+        "passes": {
+            "bf16": {
+                "pairs": [
+                    _pair("fp32/grouped_mm", 120.0, 60.0, 2.0, 100.0),
+                    _pair("bf16-autocast", 100.0, 20.0, 5.0, 100.0),
+                    _pair("bf16-weights/eager", 90.0, 30.0, 3.0, 100.0),
+                ],
+                "first_step_loss": {},
+            }
+        },
+    }
+    (row,) = summarise(case, 100.0)
+    assert row["ours_tok_s"] == 100.0 and row["ours_tok_s_in_pair"] == 120.0
+    assert row["ours_tok_s_in_pair"] == row["speedup"] * row["transformers_tok_s"]

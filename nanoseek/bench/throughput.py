@@ -175,11 +175,12 @@ def bench_preset(opts: BenchOptions, preset: str, B: int, T: int, rounds: int, t
     model_over = dict(MICRO) if opts.quick else {}
     cfg = get_preset(preset, **model_over, num_nextn_predict_layers=0)
     flops_tok = cost_report(cfg, T)["train_flops_per_token"]
-    peak_bf16 = gemm_gflops(2048 if not opts.quick else 512, torch.bfloat16, 5 if not opts.quick else 2)
-    peak_fp32 = gemm_gflops(2048 if not opts.quick else 512, torch.float32, 3 if not opts.quick else 2)
-    probe = GemmProbe(2048 if not opts.quick else 512)
+    n = 512 if opts.quick else 2048  # the GEMM size of the peak probes
+    peak_bf16 = gemm_gflops(n, torch.bfloat16, 5 if not opts.quick else 2)
+    peak_fp32 = gemm_gflops(n, torch.float32, 3 if not opts.quick else 2)
+    probe = GemmProbe(n)
     log(
-        f"train: {preset} B={B} T={T}: {flops_tok / 1e6:.1f} MFLOP/token; GEMM 2048^3 bf16 {peak_bf16:.0f} "
+        f"train: {preset} B={B} T={T}: {flops_tok / 1e6:.1f} MFLOP/token; GEMM {n}^3 bf16 {peak_bf16:.0f} "
         f"GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s"
     )
     out = {
