@@ -43,7 +43,10 @@ def check_type(name: str, value, typ: str):
     if value is None and optional:
         return None
     if base == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a 400-digit integer: no float holds it
+            raise NanoseekError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
     if base == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     else:  # bool subclasses int: a bool passes only where a bool is meant
@@ -228,7 +231,7 @@ class ModelConfig:
     def load(cls, path: str | Path) -> ModelConfig:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
             raise NanoseekError(f"cannot read model config {path}: {e}") from None
         return cls.from_dict(config_fields(d, str(path)), source=str(path))
 

@@ -560,3 +560,67 @@ def test_two_level_cap_counts_experts_at_the_cap_as_fitting():
 
     assert two_level_cap([2] * 7 + [20]) == 2
     assert two_level_cap([5] * 8) == 5  # even loads: one level
+
+
+# --- mutation-audit additions: the cost report beyond V3's MLA, and the `info` command's defaults and text --------
+def test_gqa_cost_report_counts_kv_heads_and_head_dim():
+    """GQA caches 2·n_g·d_h per token per layer (MHA: 2·n_h·d_h) with d_h the explicit head_dim when set, else
+    hidden / n_h; attention FLOPs use d_h for both the score and the value product."""
+    r = cost_report(get_preset("tiny", attn_type="gqa", num_key_value_heads=2, head_dim=32), seq_len=4096)
+    assert r["kv_elements_per_token_per_layer"] == r["naive_kv_elements_per_token_per_layer"] == 2 * 2 * 32
+    assert r["mha_kv_elements_per_token_per_layer"] == 2 * 4 * 32
+    assert r["forward_flops_per_token"] == 2 * r["params_active"] + 4 * (2 * 4 * 2048 * (32 + 32)) == 10_056_192
+    r = cost_report(get_preset("tiny", attn_type="gqa", num_key_value_heads=2))
+    assert r["kv_elements_per_token_per_layer"] == 2 * 2 * 64 and r["mha_kv_elements_per_token_per_layer"] == 512
+
+
+def test_cost_report_embedding_and_odd_context():
+    r = cost_report(get_preset("v3"), seq_len=1)  # one token attends to T/2 = 0.5 keys on average, not 0
+    assert r["forward_flops_per_token"] - 2 * r["params_active"] == 61 * 2 * 128 * 0.5 * (192 + 128) == 2_498_560
+    assert r["params_embedding"] == 129280 * 7168
+    assert r["params_active_with_embedding"] == r["params_active"] + 129280 * 7168
+
+
+def test_readme_preset_table_matches_info():
+    """README's preset table, row by row: params, active, MTP stored and unique, KV values per token per layer,
+    each within half a unit of its last printed digit."""
+    import re
+    from pathlib import Path
+
+    rows = {}
+    for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = re.findall(r"([\d.]+)([MB]?)", " ".join(cells[1:5]))
+
+    def close(printed, unit, value):
+        scale = {"M": 1e6, "B": 1e9, "": 1}[unit]
+        decimals = len(printed.partition(".")[2])
+        return abs(value / scale - float(printed)) <= 0.5 * 10**-decimals + 1e-9
+
+    for name in ("tiny", "small", "v3"):
+        r = cost_report(get_preset(name))
+        want = [r[k] for k in ("params_total", "params_active", "params_mtp", "params_mtp_unique")]
+        want.append(r["kv_elements_per_token_per_layer"])
+        assert len(rows[name]) == 5 and all(close(p, u, v) for (p, u), v in zip(rows[name], want)), (name, rows[name])
+
+
+def test_info_defaults_and_text(capsys):
+    from nanoseek.cli import main
+
+    assert main(["info", "--json"]) == 0  # --preset tiny, --seq-len 4096
+    r = json.loads(capsys.readouterr().out)
+    assert (r["preset"], r["params_total"], r["seq_len"]) == ("tiny", 8_223_744, 4096)
+    assert main(["info", "--preset", "v3"]) == 0
+    out = capsys.readouterr().out
+    v3 = cost_report(get_preset("v3"))
+    assert f"{v3['params_active'] / 1e9:.3f} B activated per token" in out and "36.626 B activated" in out
+    assert "576 elements/token/layer (MHA: 32768), 68.6 KiB/token in bf16" in out  # 576 x 61 x 2 B / 1024
+
+
+def test_v2_lite_yarn_amplitude_is_one():
+    """V2-Lite's config sets mscale = mscale_all_dim = 0.707, so YaRN's cos/sin amplitude, mscale(40, 0.707) /
+    mscale(40, 0.707), is exactly 1 (mscale = 1.0 would give 1.0857)."""
+    from nanoseek.model.rope import inv_frequencies
+
+    assert inv_frequencies(get_preset("v2-lite"), 64)[1] == 1.0

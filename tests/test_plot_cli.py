@@ -186,3 +186,34 @@ def test_entry_point_under_torchrun_skips_the_interpreter_teardown(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run()
     assert e.value.code == 2 and exits == [2]
+
+
+# --- mutation-audit additions --------------------------------------------------------------------------------
+def test_plot_skips_blank_lines_anywhere_and_falls_back_to_the_last_training_load(tmp_path, monkeypatch):
+    """A blank line mid-file is skipped like a trailing one; with no evaluation load the heat map is the last
+    training step's load (rows 3,1 and 2,2 over their means: 1.5,0.5 and 1,1), not the first one's."""
+    run = tmp_path / "r"
+    run.mkdir()
+    recs = [dict(step=1, loss=5.0, expert_load=[[1, 3], [4, 4]]), dict(step=2, loss=4.0, expert_load=[[3, 1], [2, 2]])]
+    (run / "metrics.jsonl").write_text(json.dumps(recs[0]) + "\n\n" + json.dumps(recs[1]) + "\n")
+    steps, evals = nanoseek.plot.read_metrics(run)
+    assert [r["step"] for r in steps] == [1, 2] and evals == []
+    images = []
+    imshow = matplotlib.axes.Axes.imshow
+
+    def rec_imshow(self, a, *args, **kw):
+        images.append(np.array(a))
+        return imshow(self, a, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", rec_imshow)
+    assert [p.name for p in nanoseek.plot.plot_run(run)] == ["loss.png", "expert_load.png"]
+    assert len(images) == 1 and np.allclose(images[0], [[1.5, 0.5], [1.0, 1.0]])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupt(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nanoseek.plot, "plot_run", interrupt)
+    assert main(["plot", "x"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -360,3 +360,94 @@ def test_resume_replays_the_runs_saved_settings(tmp_path):
     assert (tc.steps, tc.lr, tc.out, tc.resume) == (7, 0.01, str(run), ck)
     tc = from_args(build_parser().parse_args(["train", "--resume", ck, "--steps", "9"]))
     assert (tc.steps, tc.lr, tc.out) == (9, 0.01, str(run))
+
+
+# --- mutation-audit additions: bounds and rules the tables above leave out ---------------------------------------
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(init_std=float("inf")), "init_std must be finite and >= 0, got inf"),
+        (dict(intermediate_size=0), "intermediate_size must be > 0, got 0"),
+        (dict(max_position_embeddings=0), "max_position_embeddings must be > 0, got 0"),
+        (dict(rope_factor=0.0), "rope_factor must be > 0, got 0.0"),
+        (dict(qk_nope_head_dim=0), "qk_nope_head_dim must be > 0, got 0"),
+        (dict(attn_type="gqa", num_key_value_heads=3), "num_attention_heads 4 not divisible by kv heads 3"),
+        (dict(attn_type="mha", hidden_size=2), "head_dim is 0 and hidden_size 2 < num_attention_heads 4"),
+        (dict(qk_rope_head_dim=15), "rotary dims must be even"),
+        (dict(topk_group=0), "topk_group 0 must be in [1, n_group=4]"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok 9 exceeds the experts in the kept groups"),
+    ],
+)
+def test_more_bad_model_configs_are_rejected(kw, needle):
+    with pytest.raises(NanoseekError) as e:
+        get_preset("tiny", **kw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_config_edges_that_stay_legal():
+    get_preset("tiny", n_group=0, topk_group=1)  # 0 groups = no grouping (the gate treats G <= 1 alike)
+    get_preset("tiny", num_experts_per_tok=8)  # exactly the experts of the 2 kept groups of 4
+    gqa = get_preset("tiny", attn_type="gqa", num_key_value_heads=2)
+    assert gqa.kv_heads == 2 and gqa.gqa_head_dim == 64  # hidden 256 over the 4 query heads, not the kv heads
+
+
+def test_override_and_from_dict_name_unknown_fields_and_keep_equals_in_values():
+    assert ModelConfig.parse_override("name=run=2") == ("name", "run=2")  # split at the first "="
+    with pytest.raises(NanoseekError, match=r"--override no_such=1: 'no_such' is not a ModelConfig field"):
+        ModelConfig.parse_override("no_such=1")
+    with pytest.raises(NanoseekError, match=r"^f\.json: unknown model config field\(s\): a, b$"):
+        ModelConfig.from_dict({"b": 1, "a": 2, "hidden_size": 64}, "f.json")
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(seq_len=0), "--seq-len must be >= 1, got 0"),
+        (dict(ep=0), "--ep must be >= 1, got 0"),
+        (dict(shuffle_rows=-1), "--shuffle-rows must be >= 0, got -1"),
+        (dict(precision="fp16"), "--precision must be fp32|bf16|fp8, got 'fp16'"),
+        (dict(balance="off"), "--balance must be loss-free|aux|none, got 'off'"),
+        (dict(override=["hidden_size"]), "--override expects KEY=VALUE, got 'hidden_size'"),
+    ],
+)
+def test_more_bad_training_settings_through_the_api(kw, needle):
+    with pytest.raises(NanoseekError) as e:
+        validate(TrainConfig(**kw))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_flags_types_defaults_and_help():
+    from nanoseek.cli import build_parser
+    from nanoseek.train_config import from_args
+
+    parser = build_parser()
+    tc = from_args(parser.parse_args(["train", "--seq-aux-alpha", "0.5", "--pp-microbatches", "4"]))
+    assert tc.seq_aux_alpha == 0.5 and type(tc.seq_aux_alpha) is float and tc.pp_microbatches == 4
+    validate(tc)
+    assert TrainConfig().keep_freed_memory is True and TrainConfig().progress is True
+    # a sequence longer than the 2^23-token window still gets a window of one row
+    assert TrainConfig(seq_len=1 << 23).window_rows() == 1
+    train = parser._subparsers._group_actions[0].choices["train"]
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    assert helps["--lr"].endswith("(default: 0.003)") and helps["--mtp-depth"].count("(default:") == 1
+
+
+def test_tiny_preset_routing_shape():
+    """`tiny`, the default of training, tests and benches: 16 routed experts in 4 groups, tokens keep the top 2
+    groups and 2 experts, plus 1 shared expert (README: "16 routed experts top-2 + 1 shared")."""
+    keys = ("n_routed_experts", "n_group", "topk_group", "num_experts_per_tok", "n_shared_experts")
+    assert [PRESETS["tiny"][k] for k in keys] == [16, 4, 2, 2, 1]
+
+
+def test_a_huge_integer_or_a_non_utf8_file_is_a_one_line_error(tmp_path):
+    """float("1" + 400 zeros) overflows: it was an OverflowError traceback from `info --config`, `--override` and
+    train_config files; `ModelConfig.load` of bytes that are not UTF-8 was a UnicodeDecodeError."""
+    big = 10**400
+    with pytest.raises(NanoseekError, match="rope_theta must be a finite number, got an integer of 401 digits"):
+        ModelConfig.parse_override(f"rope_theta={big}")
+    f = tmp_path / "big.json"
+    f.write_text('{"rms_norm_eps": ' + str(big) + "}")
+    assert main(["info", "--config", str(f)]) == 2
+    (tmp_path / "b.json").write_bytes(b"\x80")
+    with pytest.raises(NanoseekError, match=r"cannot read model config .*b\.json"):
+        ModelConfig.load(tmp_path / "b.json")
