@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: fresh-machine setup, lint, format check, the whole suite (~3.5 min on 2 cores with the install; kept under 10).
+# The test command: fresh-machine setup, lint, format check, the whole suite (~4 min on 2 cores with the install; kept under 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
