@@ -24,27 +24,28 @@ def _pair(variant, ours, theirs, speedup, gemm):
     }
 
 
-def test_throughput_summarise_picks_median_and_transformers_best_pair():
-    """ours = the median over pairs; transformers' best = the pair with the LOWEST speed-up (its best relative
-    to ours); the same-precision best skips the fp32 variants in the bf16 pass; the GEMM peak is the median
-    of the pass's probes, and the fraction of the run's max peak divides by that max. Error pairs are skipped."""
-    case = {
+def _bf16_case(pairs, first_step_loss):
+    """A `tiny` throughput result with one bf16 pass (4 x 64 tokens, 1 MFLOP per token), as bench_preset saves."""
+    return {
         "preset": "tiny",
         "batch_size": 4,
         "seq_len": 64,
         "flops_per_token": 1e6,
-        "passes": {
-            "bf16": {
-                "pairs": [
-                    _pair("fp32/grouped_mm", 100.0, 50.0, 2.0, 100.0),
-                    _pair("bf16-autocast", 110.0, 20.0, 5.5, 200.0),
-                    _pair("bf16-weights/eager", 90.0, 30.0, 3.0, 300.0),
-                    {"variant": "bf16-weights/grouped_mm", "error": "boom"},
-                ],
-                "first_step_loss": {"ours": 8.3, "transformers": 8.3},
-            }
-        },
+        "passes": {"bf16": {"pairs": pairs, "first_step_loss": first_step_loss}},
     }
+
+
+def test_throughput_summarise_picks_median_and_transformers_best_pair():
+    """ours = the median over pairs; transformers' best = the pair with the LOWEST speed-up (its best relative
+    to ours); the same-precision best skips the fp32 variants in the bf16 pass; the GEMM peak is the median
+    of the pass's probes, and the fraction of the run's max peak divides by that max. Error pairs are skipped."""
+    pairs = [
+        _pair("fp32/grouped_mm", 100.0, 50.0, 2.0, 100.0),
+        _pair("bf16-autocast", 110.0, 20.0, 5.5, 200.0),
+        _pair("bf16-weights/eager", 90.0, 30.0, 3.0, 300.0),
+        {"variant": "bf16-weights/grouped_mm", "error": "boom"},
+    ]
+    case = _bf16_case(pairs, {"ours": 8.3, "transformers": 8.3})
     (row,) = summarise(case, 1000.0)
     assert row["precision"] == "bf16" and row["preset"] == "tiny" and (row["batch_size"], row["seq_len"]) == (4, 64)
     assert row["ours_tok_s"] == 100.0  # median of 100, 110, 90
@@ -455,22 +456,12 @@ def test_summary_figure_bars_and_colours(monkeypatch, tmp_path):
 
 def test_throughput_in_pair_tokens_per_s_is_the_closest_pairs_own():
     """Ours' tok/s beside transformers' best is that pair's (120), not the median over pairs (100)."""
-    case = {
-        "preset": "tiny",
-        "batch_size": 4,
-        "seq_len": 64,
-        "flops_per_token": 1e6,
-        "passes": {
-            "bf16": {
-                "pairs": [
-                    _pair("fp32/grouped_mm", 120.0, 60.0, 2.0, 100.0),
-                    _pair("bf16-autocast", 100.0, 20.0, 5.0, 100.0),
-                    _pair("bf16-weights/eager", 90.0, 30.0, 3.0, 100.0),
-                ],
-                "first_step_loss": {},
-            }
-        },
-    }
+    pairs = [
+        _pair("fp32/grouped_mm", 120.0, 60.0, 2.0, 100.0),
+        _pair("bf16-autocast", 100.0, 20.0, 5.0, 100.0),
+        _pair("bf16-weights/eager", 90.0, 30.0, 3.0, 100.0),
+    ]
+    case = _bf16_case(pairs, {})
     (row,) = summarise(case, 100.0)
     assert row["ours_tok_s"] == 100.0 and row["ours_tok_s_in_pair"] == 120.0
     assert row["ours_tok_s_in_pair"] == row["speedup"] * row["transformers_tok_s"]
