@@ -250,14 +250,14 @@ def _split_single(src: Source) -> tuple[list[Source], list[Source]]:
     target = int(size * (1 - VAL_FRACTION))
     cut = _find_line_start(src.path, target, size)
     share = None if cut is None else (size - cut) / (size - src.start)
-    if cut is not None and share > 4 * VAL_FRACTION and src.is_jsonl:
-        raise NanoseekError(
-            f"{src.path}: its last document is {share:.0%} of the file, too much for a validation split of whole "
-            ".jsonl lines: split it into more lines, or add files"
-        )
     if cut is None or share > 4 * VAL_FRACTION:
-        if src.is_jsonl:
+        if src.is_jsonl and cut is None:
             raise NanoseekError(f"{src.path}: a single .jsonl file needs at least 2 lines (documents) to split")
+        if src.is_jsonl:
+            raise NanoseekError(
+                f"{src.path}: its last document is {share:.0%} of the file, too much for a validation split of "
+                "whole .jsonl lines: split it into more lines, or add files"
+            )
         # No line start near the target: cut at a UTF-8 character boundary near the target.
         window = _read(src.path, target, 4)
         cut = target + next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window))
