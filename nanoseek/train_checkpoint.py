@@ -10,6 +10,7 @@ metrics logged after the checkpoint are set aside. Kept apart from the training 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ class CheckpointMixin:
             "nan_skips": self.nan_skips,
             "consecutive_nan": self.consecutive_nan,
             "elapsed": self.elapsed,
-            "val_id": self._val_id(),
+            "val_id": self._val_id,
         }
         try:
             with atomic_dir(target) as tmp:
@@ -77,6 +78,7 @@ class CheckpointMixin:
         for old in ckpt.list_checkpoints(self.out)[: -self.tc.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    @functools.cached_property
     def _val_id(self) -> str:
         """A hash of the validation tokens: a resume whose data or --eval-tokens changed them is noted, since
         its val_loss no longer continues the curve (the train split's position is checked by the stream)."""
@@ -128,7 +130,7 @@ class CheckpointMixin:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
-        if state.get("val_id", self._val_id()) != self._val_id() and self.is_main:  # (checkpoints before 30 Nov: none)
+        if state.get("val_id", self._val_id) != self._val_id and self.is_main:  # (checkpoints before 30 Nov: none)
             print(
                 f"note: the validation batches differ from those of {directory} (the data or --eval-tokens changed): "
                 f"val_loss before and after step {self.step} are not comparable",
